@@ -1,0 +1,289 @@
+"""Calibration data in, feed dicts out; and one onnxruntime pass that yields every layer's inputs.
+
+Data can be an .npz file (keys = model input names, first axis = samples), a folder of them,
+`module:callable` returning an object with onnxruntime's CalibrationDataReader protocol
+(get_next() -> feed dict or None), or the explicit word `random`. Everything is checked against
+the model's inputs before any work starts, so mistakes fail fast with the tensor's name.
+
+A slice of the data is held out (never used for Hessians) to measure the pruned model's
+fidelity on samples it was not fitted to.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import LobsError
+from .graph import PROTOBUF_LIMIT, model_inputs
+
+ort.set_default_logger_severity(3)  # our own one-line errors say what failed
+
+HOLDOUT_FRACTION = 10  # one sample in ten is held out ...
+HOLDOUT_MAX = 1000  # ... up to this many
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple  # ints for fixed dims, None for dynamic ones
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    specs = []
+    for vi in model_inputs(model):
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
+            if tt.HasField("shape") else None
+        specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
+    return specs
+
+
+def check_feed(feed: dict, specs: list[InputSpec], origin: str, extra_ok=()) -> None:
+    """One-line errors for missing, unknown, mistyped, misshapen or non-finite tensors."""
+    names = {s.name for s in specs}
+    for s in specs:
+        if s.name not in feed:
+            raise LobsError(f"{origin}: model input '{s.name}' is missing (has: {', '.join(sorted(feed)) or 'nothing'})")
+    for k in feed:
+        if k not in names and k not in extra_ok:
+            raise LobsError(f"{origin}: '{k}' is not an input of the model (inputs: {', '.join(sorted(names))})")
+    for s in specs:
+        a = feed[s.name]
+        if not isinstance(a, np.ndarray):
+            raise LobsError(f"{origin}: tensor '{s.name}' is a {type(a).__name__}, not a numpy array")
+        if a.dtype != s.dtype:
+            raise LobsError(f"{origin}: tensor '{s.name}' has dtype {a.dtype}, the model expects {s.dtype}")
+        if s.shape is not None:
+            if a.ndim != len(s.shape):
+                raise LobsError(f"{origin}: tensor '{s.name}' has shape {list(a.shape)}, "
+                                f"the model expects rank {len(s.shape)} {_fmt_shape(s.shape)}")
+            for axis, (have, want) in enumerate(zip(a.shape, s.shape)):
+                if axis > 0 and want is not None and have != want:
+                    raise LobsError(f"{origin}: tensor '{s.name}' has shape {list(a.shape)}, "
+                                    f"the model expects {_fmt_shape(s.shape)}")
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise LobsError(f"{origin}: tensor '{s.name}' contains NaN or Inf")
+        if a.ndim and a.shape[0] == 0:
+            raise LobsError(f"{origin}: tensor '{s.name}' has no samples")
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+# ----------------------------------------------------------------------------- sources
+
+class ArraySource:
+    """Samples held as arrays (one .npz, or arrays given in code); batches are slices."""
+
+    def __init__(self, arrays: dict, origin: str, specs: list[InputSpec], extra_ok=()):
+        check_feed(arrays, specs, origin, extra_ok)
+        self.origin = origin
+        self.arrays = {s.name: arrays[s.name] for s in specs}
+        self.extra = {k: v for k, v in arrays.items() if k in extra_ok}
+        counts = {k: v.shape[0] if v.ndim else 1 for k, v in self.arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise LobsError(f"{origin}: inputs have different numbers of samples ({counts})")
+        self.n = next(iter(counts.values()))
+        self.fixed_batch = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+
+    def split(self, samples: int | None) -> tuple[range, range]:
+        """Calibration and held-out sample ranges."""
+        n = self.n if samples is None else min(samples, self.n)
+        h = min(max(n // HOLDOUT_FRACTION, 1), HOLDOUT_MAX) if n >= 2 else 0
+        if self.n - n >= h:
+            return range(0, n), range(n, n + h)
+        return range(0, n - h), range(n - h, n)
+
+    def batches(self, batch_size: int, samples: int | None = None) -> Iterator[tuple[dict, bool]]:
+        calib, hold = self.split(samples)
+        for part, held in ((calib, False), (hold, True)):
+            yield from ((f, held) for f in self._slices(part, batch_size))
+
+    def _slices(self, r: range, batch_size: int):
+        if self.fixed_batch:
+            batch_size = min(self.fixed_batch)
+        for i in range(r.start, r.stop, batch_size):
+            j = min(i + batch_size, r.stop)
+            if self.fixed_batch and j - i != batch_size:
+                break
+            yield {k: v[i:j] for k, v in self.arrays.items()}
+
+    def all_feeds(self, batch_size: int):
+        yield from self._slices(range(0, self.n), batch_size)
+
+
+class FolderSource:
+    """A folder of .npz files, read one file at a time."""
+
+    def __init__(self, folder: str, specs, extra_ok=()):
+        self.files = sorted(glob.glob(os.path.join(folder, "*.npz")))
+        if not self.files:
+            raise LobsError(f"{folder}: folder has no .npz files")
+        self.specs, self.extra_ok = specs, extra_ok
+        _npz_source(self.files[0], specs, extra_ok)  # fail fast on a bad first file
+        self.n = None
+        self.origin = folder
+
+    def _sources(self):
+        for f in self.files:
+            yield _npz_source(f, self.specs, self.extra_ok)
+
+    def batches(self, batch_size: int, samples: int | None = None):
+        yield from _every_tenth(
+            (f for s in self._sources() for f in s.all_feeds(batch_size)), samples)
+
+
+class ReaderSource:
+    """An onnxruntime CalibrationDataReader: feeds are used as they come."""
+
+    def __init__(self, reader, origin: str, specs):
+        if not callable(getattr(reader, "get_next", None)):
+            raise LobsError(f"{origin}: returned {type(reader).__name__}, which has no get_next()")
+        self.reader, self.origin, self.specs = reader, origin, specs
+        self.n = None
+
+    def batches(self, batch_size: int, samples: int | None = None):
+        def feeds():
+            k = 0
+            while True:
+                feed = self.reader.get_next()
+                if feed is None:
+                    return
+                feed = {name: np.asarray(v) for name, v in feed.items()}
+                check_feed(feed, self.specs, f"{self.origin} (feed {k})")
+                k += 1
+                yield feed
+        yield from _every_tenth(feeds(), samples)
+
+
+def _every_tenth(feeds, samples):
+    """Hold out every tenth feed (up to HOLDOUT_MAX samples) when the total is not known ahead."""
+    used = held = 0
+    for k, feed in enumerate(feeds):
+        n = _count(feed)
+        if samples is not None and used >= samples:
+            return
+        if k % HOLDOUT_FRACTION == HOLDOUT_FRACTION - 1 and held < HOLDOUT_MAX:
+            held += n
+            yield feed, True
+        else:
+            used += n
+            yield feed, False
+
+
+def _count(feed: dict) -> int:
+    a = next(iter(feed.values()))
+    return int(a.shape[0]) if a.ndim else 1
+
+
+def _npz_source(path: str, specs, extra_ok=()) -> ArraySource:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise LobsError(f"{path}: cannot read as .npz ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return ArraySource(arrays, path, specs, extra_ok)
+
+
+def _random_source(specs, samples: int | None, seed: int) -> ArraySource:
+    warnings.warn("calibrating on random data: the result will not reflect real inputs", stacklevel=3)
+    n = samples or 256
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for s in specs:
+        if s.shape is None or any(d is None for d in s.shape[1:]):
+            raise LobsError(f"random calibration: input '{s.name}' has dynamic dimensions "
+                            f"{_fmt_shape(s.shape or ())}; give real data with --calib")
+        shape = (s.shape[0] or n,) + tuple(s.shape[1:])
+        if s.dtype.kind == "f":
+            arrays[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype.kind in "iu":
+            arrays[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
+        else:
+            arrays[s.name] = np.zeros(shape, s.dtype)
+    return ArraySource(arrays, "random", specs)
+
+
+def open_source(data, model: onnx.ModelProto, *, seed: int = 0, samples: int | None = None,
+                extra_ok=()):
+    """Any accepted form of data -> a source whose batches are checked feed dicts."""
+    specs = input_specs(model)
+    if data is None:
+        raise LobsError("no calibration data: give --calib DATA (or --calib random to accept random data)")
+    if isinstance(data, (ArraySource, FolderSource, ReaderSource)):
+        return data
+    if isinstance(data, dict):
+        return ArraySource({k: np.asarray(v) for k, v in data.items()}, "calibration arrays", specs, extra_ok)
+    if callable(getattr(data, "get_next", None)):
+        return ReaderSource(data, type(data).__name__, specs)
+    if not isinstance(data, (str, os.PathLike)):
+        raise LobsError(f"calibration data of type {type(data).__name__} is not understood")
+    spec = os.fspath(data)
+    if spec == "random":
+        return _random_source(specs, samples, seed)
+    if os.path.isdir(spec):
+        return FolderSource(spec, specs, extra_ok)
+    if os.path.isfile(spec):
+        return _npz_source(spec, specs, extra_ok)
+    if ":" in spec and not spec.endswith(".npz"):
+        return ReaderSource(_call_factory(spec), spec, specs)
+    raise LobsError(f"{spec}: no such file or folder")
+
+
+def _call_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise LobsError(f"{spec}: cannot import ({e})") from None
+    return factory()
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime session; models over 2 GB go through a temporary file with external data."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="onnx-lobs-") as folder:
+            # onnx externalises tensors in place: save a copy so the caller's model is untouched.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            path = os.path.join(folder, "model.onnx")
+            onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
+            del copy
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise LobsError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+
+
+def run(session: ort.InferenceSession, names: list[str], feed: dict, origin: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as e:
+        raise LobsError(f"{origin}: onnxruntime failed: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,223 @@
+"""The onnx-lobs command: parse, call the library, print. No pruning logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import click
+
+from . import __version__
+from .errors import LobsError
+
+CALIBRATION_KEY = "onnx_lobs.calibration"  # metadata: a model's bundled calibration file
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnx-lobs")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Prune exported ONNX models with layer-wise Optimal Brain Surgeon."""
+    ctx.obj = {"debug": debug}
+
+
+def main(argv=None):
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="onnx-lobs", standalone_mode=False)
+    except LobsError as e:
+        if debug:
+            raise
+        click.echo(f"onnx-lobs: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("onnx-lobs: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("onnx-lobs: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model, as_json):
+    """List prunable layers, and the weighted ops that will not be pruned, with the reason."""
+    from .graph import find_layers, load_model
+
+    loaded = load_model(model)
+    layers, skipped = find_layers(loaded)
+    data = {
+        "model": model,
+        "layers": [{"name": l.name, "op": l.op, "weight": l.weight_name, "shape": list(l.shape),
+                    "rows": l.geometry.rows * l.geometry.groups, "cols": l.geometry.cols,
+                    "groups": l.geometry.groups, "dtype": l.dtype, "storage": l.storage,
+                    "bias": l.bias is not None, "uses": len(l.uses),
+                    "sparsity": l.present_sparsity()} for l in layers],
+        "skipped": [{"name": s.name, "op": s.op, "weight": s.weight, "reason": s.reason} for s in skipped],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'layer':<28} {'op':<7} {'weight shape':<16} {'rows x cols':>12} {'g':>3} "
+               f"{'dtype':<8} {'zeros':>6}  storage")
+    for l in data["layers"]:
+        click.echo(f"{l['name'][:28]:<28} {l['op']:<7} {str(l['shape']):<16} "
+                   f"{l['rows']}x{l['cols']:<{12 - len(str(l['rows'])) - 1}} {l['groups']:>3} "
+                   f"{l['dtype']:<8} {100 * l['sparsity']:>5.1f}%  {l['storage']}"
+                   + (f", {l['uses']} uses" if l["uses"] > 1 else ""))
+    for s in data["skipped"]:
+        click.echo(f"skipped {s['name']} ({s['op']}): {s['reason']}")
+    click.echo(f"{len(layers)} prunable layers, {len(skipped)} skipped")
+
+
+# ----------------------------------------------------------------------------- prune
+
+def _layer_sparsity(values) -> dict:
+    out = {}
+    for v in values:
+        glob, sep, s = v.rpartition("=")
+        try:
+            if not sep or not glob:
+                raise ValueError
+            out[glob] = float(s)
+        except ValueError:
+            raise LobsError(f"--layer-sparsity '{v}': expected GLOB=S, e.g. '*fc1*=0.95'") from None
+    return out
+
+
+def _damp(value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise LobsError(f"--damp '{value}': expected 'auto' or a number") from None
+
+
+def _default_calibration(model_path: str):
+    """A bundled model names its calibration file in its metadata, relative to itself."""
+    import onnx
+
+    try:
+        m = onnx.load(model_path, load_external_data=False)
+    except Exception:
+        return None  # load_model reports it properly later
+    for p in m.metadata_props:
+        if p.key == CALIBRATION_KEY:
+            path = os.path.join(os.path.dirname(os.path.abspath(model_path)), p.value)
+            return path if os.path.exists(path) else None
+    return None
+
+
+def _check_output(path: str, model: str) -> None:
+    if os.path.abspath(path) == os.path.abspath(model):
+        raise LobsError(f"{path}: refusing to overwrite the input model; choose another -o")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LobsError(f"{path}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise LobsError(f"{path}: output folder is not writable")
+    if os.path.isdir(path):
+        raise LobsError(f"{path}: is a folder")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnx-lobs-", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LobsError(f"{path}: cannot write ({e.strerror})") from None
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Pruned model to write.")
+@click.option("--calib", help="Calibration data: .npz, folder of .npz, module:callable, or 'random'.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True,
+              help="Fraction of each layer's weights removed (0.9 keeps 10%).")
+@click.option("--layer-sparsity", multiple=True, metavar="GLOB=S",
+              help="Per-layer sparsity by layer or weight name; repeatable, the last match wins.")
+@click.option("--max-error", type=float, help="Prune each layer until its relative error would pass this.")
+@click.option("--method", default="lobs", show_default=True, help="lobs or magnitude.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching layers dense; repeatable.")
+@click.option("--samples", type=int, help="Read at most this many calibration samples.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--damp", default="auto", show_default=True,
+              help="Dampening added to H, as a fraction of its mean diagonal; 'auto' picks, per layer, "
+                   "the value of 0.01/0.1/1/10 with the lowest layer-wise error.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exclude, samples,
+          batch_size, damp, report_path, seed, quiet):
+    """Prune MODEL and write the result to OUTPUT."""
+    from .graph import save_model
+    from .pruning import PruneConfig, prune as run_prune
+    from .report import format_table
+
+    _check_output(output, model)
+    if report_path:
+        _check_output(report_path, model)
+    if calib is None:
+        calib = _default_calibration(model)
+        if calib is None:
+            raise LobsError(f"{model}: no calibration data given: use --calib DATA "
+                            "(or --calib random to accept random data)")
+        if not quiet:
+            click.echo(f"using bundled calibration data {os.path.relpath(calib)}", err=True)
+    config = PruneConfig(method=method, sparsity=sparsity, layer_sparsity=_layer_sparsity(layer_sparsity),
+                         max_error=max_error, exclude=list(exclude), samples=samples,
+                         batch_size=batch_size, seed=seed, damp=_damp(damp), progress=not quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_prune(model, calib, config)
+    for w in caught:
+        click.echo(f"onnx-lobs: warning: {w.message}", err=True)
+    save_model(result.model, output, external=True if result.external_data else None)
+    if report_path:
+        write_text_atomic(report_path, result.report.to_json() + "\n")
+    click.echo(format_table(result.report))
+    click.echo(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------- eval
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="Inputs (and labels): .npz, folder of .npz or module:callable.")
+@click.option("--reference", type=click.Path(dir_okay=False), help="Original model to compare against.")
+@click.option("--labels", help="Key of the labels in the data (default: 'labels' when present).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(model, data, reference, labels, batch_size, as_json):
+    """Accuracy with labels, and fidelity against a reference model."""
+    from .evaluate import evaluate
+
+    result = evaluate(model, data, reference=reference, labels=labels, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"samples: {result['samples']}")
+    if result["accuracy"] is not None:
+        click.echo(f"accuracy: {100 * result['accuracy']:.2f}% (error {100 * (1 - result['accuracy']):.2f}%)")
+    if reference:
+        if result["top1_agreement"] is not None:
+            click.echo(f"top-1 agreement with reference: {100 * result['top1_agreement']:.2f}%")
+        click.echo(f"relative L2 error vs reference: {result['rel_l2']:.4g}")
+        click.echo(f"cosine similarity vs reference: {result['cosine']:.6f}")
+    if result["accuracy"] is None and not reference:
+        click.echo("(no labels and no --reference: nothing to compare)")

@@ -1,0 +1,236 @@
+"""One adapter per prunable op: how its weight is a matrix, how its input unfolds into columns.
+
+Every solver works on W[g] (rows x cols) and H[g] = mean x x^T per group g. An adapter is the
+only place that knows how an op's weight tensor and input tensor map onto that picture, so adding
+an op means adding an adapter here, nothing else.
+
+Scaling conventions: Gemm's alpha is folded into the unfolded input (so the matrix is the stored
+weight and the error is in the op's own output units) and beta into the bias vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import NodeProto, helper
+
+# Upper bound on the float64 column data materialised at once while unfolding a conv input.
+CHUNK_BYTES = 64 << 20
+
+
+def node_attrs(node: NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    groups: int
+    rows: int  # output units per group
+    cols: int  # inputs per group, without the bias column
+
+
+class Gemm:
+    op = "Gemm"
+    weight_input = 1
+    bias_input = 2
+
+    def skip_reason(self, node, weight_shape):
+        if len(weight_shape) != 2:
+            return f"Gemm weight has rank {len(weight_shape)}, expected 2"
+        return None
+
+    def geometry(self, node, weight_shape):
+        k, n = weight_shape if not node_attrs(node).get("transB", 0) else weight_shape[::-1]
+        return Geometry(1, n, k)
+
+    def to_matrices(self, node, w):
+        m = w.T if not node_attrs(node).get("transB", 0) else w
+        return m[None]
+
+    def from_matrices(self, node, m, like):
+        w = m[0].T if not node_attrs(node).get("transB", 0) else m[0]
+        return w.reshape(like.shape)
+
+    def bias_vector(self, node, c, rows):
+        """beta*C as a per-row vector, or None when C is not a per-output-unit bias."""
+        beta = node_attrs(node).get("beta", 1.0)
+        if beta == 0 or c.size != rows or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            return None
+        return (beta * c.reshape(1, rows)).astype(np.float64)
+
+    def bias_from_vector(self, node, b, like):
+        beta = node_attrs(node).get("beta", 1.0)
+        return (b / beta).reshape(like.shape)
+
+    def unfold(self, node, x, weight_shape):
+        a = node_attrs(node)
+        # Extra leading axes (stacked Loop/Scan iterations) are more samples; with transA the
+        # samples are A's last axis, so swap before merging them.
+        x = np.swapaxes(x, -1, -2) if a.get("transA", 0) else x
+        x = x.reshape(-1, x.shape[-1])
+        yield (a.get("alpha", 1.0) * x.astype(np.float64))[None]
+
+    def lipschitz_factor(self, node, weight_shape):
+        return abs(node_attrs(node).get("alpha", 1.0))
+
+
+class MatMul:
+    op = "MatMul"
+    weight_input = 1
+    bias_input = None
+
+    def skip_reason(self, node, weight_shape):
+        if len(weight_shape) != 2:
+            return f"MatMul weight has rank {len(weight_shape)}, expected 2 (batched weights are not pruned)"
+        return None
+
+    def geometry(self, node, weight_shape):
+        return Geometry(1, weight_shape[1], weight_shape[0])
+
+    def to_matrices(self, node, w):
+        return w.T[None]
+
+    def from_matrices(self, node, m, like):
+        return m[0].T.reshape(like.shape)
+
+    def bias_vector(self, node, c, rows):
+        return None
+
+    def bias_from_vector(self, node, b, like):
+        raise AssertionError("MatMul has no bias input")
+
+    def unfold(self, node, x, weight_shape):
+        k = x.shape[-1]
+        flat = x.reshape(-1, k)
+        step = max(1, CHUNK_BYTES // (8 * k))
+        for i in range(0, flat.shape[0], step):
+            yield flat[i:i + step].astype(np.float64)[None]
+
+    def lipschitz_factor(self, node, weight_shape):
+        return 1.0
+
+
+def conv_pads(attrs: dict, spatial: tuple, kernel: tuple) -> list[int]:
+    """Explicit [begin..., end...] pads for an input of the given spatial size (ONNX auto_pad rules)."""
+    d = len(kernel)
+    strides = attrs.get("strides", [1] * d)
+    dil = attrs.get("dilations", [1] * d)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return list(attrs.get("pads", [0] * (2 * d)))
+    if auto == "VALID":
+        return [0] * (2 * d)
+    begin, end = [], []
+    for size, k, s, dl in zip(spatial, kernel, strides, dil):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * dl + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else large)
+        end.append(large if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+def conv_patches(x: np.ndarray, kernel, strides, dilations, pads) -> np.ndarray:
+    """Strided view [N, out..., C, k...] of every receptive field of x [N, C, in...] (im2col)."""
+    d = len(kernel)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    span = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
+    v = sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
+    v = v[(slice(None), slice(None))
+          + tuple(slice(None, None, s) for s in strides)
+          + tuple(slice(None, None, dl) for dl in dilations)]
+    return v.transpose((0,) + tuple(range(2, 2 + d)) + (1,) + tuple(range(2 + d, 2 + 2 * d)))
+
+
+class Conv:
+    op = "Conv"
+    weight_input = 1
+    bias_input = 2
+
+    def skip_reason(self, node, weight_shape):
+        if len(weight_shape) < 3:
+            return f"Conv weight has rank {len(weight_shape)}, expected 3 or more"
+        g = node_attrs(node).get("group", 1)
+        if weight_shape[0] % g:
+            return f"Conv has {weight_shape[0]} output channels, not divisible by group={g}"
+        return None
+
+    def geometry(self, node, weight_shape):
+        g = node_attrs(node).get("group", 1)
+        return Geometry(g, weight_shape[0] // g, int(np.prod(weight_shape[1:])))
+
+    def to_matrices(self, node, w):
+        g = node_attrs(node).get("group", 1)
+        return w.reshape(g, w.shape[0] // g, -1)
+
+    def from_matrices(self, node, m, like):
+        return m.reshape(like.shape)
+
+    def bias_vector(self, node, c, rows):
+        g = node_attrs(node).get("group", 1)
+        return c.reshape(g, -1).astype(np.float64)
+
+    def bias_from_vector(self, node, b, like):
+        return b.reshape(like.shape)
+
+    def unfold(self, node, x, weight_shape):
+        a = node_attrs(node)
+        g = a.get("group", 1)
+        d = x.ndim - 2
+        kernel = tuple(weight_shape[2:])
+        strides = a.get("strides", [1] * d)
+        dil = a.get("dilations", [1] * d)
+        pads = conv_pads(a, x.shape[2:], kernel)
+        cg = x.shape[1] // g
+        cols = cg * math.prod(kernel)
+        probe = conv_patches(x[:1], kernel, strides, dil, pads)
+        per_sample = max(1, math.prod(probe.shape[1:1 + d])) * cols * g * 8
+        step = max(1, CHUNK_BYTES // per_sample)
+        for i in range(0, x.shape[0], step):
+            p = conv_patches(x[i:i + step], kernel, strides, dil, pads)
+            n = p.shape[0] * math.prod(p.shape[1:1 + d])
+            p = p.reshape((n, g, cols))
+            yield np.ascontiguousarray(p.transpose(1, 0, 2), dtype=np.float64)
+
+    def lipschitz_factor(self, node, weight_shape):
+        """sqrt of the most receptive fields one input element can fall in (bounds the conv's norm)."""
+        a = node_attrs(node)
+        kernel = weight_shape[2:]
+        d = len(kernel)
+        strides = a.get("strides", [1] * d)
+        dil = a.get("dilations", [1] * d)
+        overlap = 1
+        for k, s, dl in zip(kernel, strides, dil):
+            overlap *= min(k, -(-((k - 1) * dl + 1) // s))
+        return math.sqrt(overlap)
+
+
+ADAPTERS = {a.op: a for a in (Gemm(), MatMul(), Conv())}
+
+# Ops that carry weights we could in principle prune, so inspect() explains why it leaves them.
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
+                "QLinearConv", "QLinearMatMul"}
+
+
+def unfold(adapter, node, x, weight_shape) -> Iterator[np.ndarray]:
+    """Columns [groups, n, cols] of one input batch, in float64 chunks.
+
+    Inputs gathered from Loop/Scan iterations arrive stacked with extra leading axes; those are
+    more samples, so they are merged into the op's own sample axis first.
+    """
+    if x.size == 0:
+        return iter(())
+    rank = INPUT_RANK.get(adapter.op, lambda shape: None)(weight_shape)
+    if rank is not None and x.ndim > rank:
+        x = x.reshape((-1,) + x.shape[x.ndim - rank + 1:])
+    return adapter.unfold(node, x, weight_shape)
+
+
+# The rank each op's activation input has (None: any rank, leading axes are samples).
+# (Gemm merges its own leading axes: with transA its samples are the last axis.)
+INPUT_RANK = {"Conv": len}

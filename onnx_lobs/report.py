@@ -1,0 +1,137 @@
+"""What each layer lost: per-layer records, the whole-model summary, JSON and a text table.
+
+Errors follow the paper: delta E = (1/2n) sum_samples ||Y' - Y||^2 of the layer's linear output
+(n counts unfolded rows: samples x output positions for a conv), measured exactly on the data
+through H, next to the solver's own prediction. rel_error = delta E / ((1/2n) sum ||Y||^2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    op: str
+    weight: str
+    rows: int
+    cols: int
+    groups: int = 1
+    params: int = 0
+    storage: str = ""
+    dtype: str = ""
+    target_sparsity: float | None = None
+    sparsity: float | None = None  # zeros / params after pruning
+    error: float | None = None  # delta E on calibration data (measured)
+    predicted_error: float | None = None  # the solver's estimate of delta E
+    rel_error: float | None = None
+    holdout_error: float | None = None  # delta E on held-out samples
+    damp: float | None = None
+    seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None  # reason, when the layer was not pruned
+
+
+@dataclass
+class Report:
+    layers: list[LayerRecord]
+    sparsity: float  # zeros over all prunable weights
+    config: dict
+    timings: dict
+    fidelity: dict | None = None
+    bound: dict | None = None
+    samples: dict | None = None
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _clean(obj):
+    """JSON has no NaN or Inf: write null instead."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import scipy
+
+    from . import __version__
+
+    return {"onnx_lobs": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version()}
+
+
+def overall_sparsity(records: list[LayerRecord], zeros: dict[str, int]) -> float:
+    total = sum(r.params for r in records)
+    return sum(zeros.get(r.name, 0) for r in records) / total if total else 0.0
+
+
+def chain_bound(steps: list[tuple[float, float, float]], after: float) -> dict:
+    """The paper's bound on the final output's RMS error, for a chain of layers.
+
+    steps: per layer in order, (gain of the path into it, operator norm of its pruned weight,
+    RMS of its own output change on the data). e_l = norm_l * gain_l * e_{l-1} + rms_l; the
+    final error is at most after * e_L. With Frobenius norms this is the paper's Theorem;
+    spectral norms give a tighter bound that is just as valid.
+    """
+    e = 0.0
+    for gain, norm, rms in steps:
+        e = norm * gain * e + rms
+    return after * e
+
+
+def format_table(report: Report) -> str:
+    head = f"{'layer':<28} {'op':<7} {'rows x cols':>13} {'sparsity':>9} {'dE':>10} {'rel dE':>9} {'sec':>6}"
+    lines = [head, "-" * len(head)]
+    for r in report.layers:
+        if r.skipped:
+            continue
+        shape = f"{r.rows}x{r.cols}" + (f"/g{r.groups}" if r.groups > 1 else "")
+        lines.append(f"{r.name[:28]:<28} {r.op:<7} {shape:>13} {_pct(r.sparsity):>9} "
+                     f"{_num(r.error):>10} {_num(r.rel_error):>9} {_num(r.seconds, '.2f'):>6}")
+    skipped = [r for r in report.layers if r.skipped]
+    if skipped:
+        lines.append("skipped:")
+        lines += [f"  {r.name} ({r.op}): {r.skipped}" for r in skipped]
+    lines.append(f"overall sparsity {_pct(report.sparsity)} of prunable weights")
+    f = report.fidelity
+    if f:
+        parts = [f"rel L2 {_num(f.get('rel_l2'))}", f"cosine {_num(f.get('cosine'), '.6f')}"]
+        if f.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {_pct(f['top1_agreement'], 2)}")
+        lines.append(f"output fidelity on {f['samples']} held-out samples: " + ", ".join(parts))
+    b = report.bound
+    if b:
+        if b.get("measured_rms") is not None:
+            lines.append(f"final-output RMS error {_num(b['measured_rms'])} <= bound {_num(b['bound_spectral'])} "
+                         f"(paper's Frobenius form {_num(b['bound_frobenius'])})")
+        elif b.get("reason"):
+            lines.append(f"error bound not computed: {b['reason']}")
+    return "\n".join(lines)
+
+
+def _pct(x, digits=1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _num(x, fmt=".3g") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)

@@ -1,0 +1,180 @@
+"""Finding layers wherever their weights live, writing weights back, loading and saving models."""
+
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lobs import LobsError
+from onnx_lobs.graph import LoadedModel, expose, find_layers, load_model, save_model, write_tensor
+from tests import subgraphs
+from tests.builders import make_model, mlp, single_layer, small_cnn, tensor, vi
+
+
+def layers_of(model):
+    return find_layers(LoadedModel(model, "m.onnx"))
+
+
+def test_every_dense_form_is_found_with_its_matrix_view():
+    layers, skipped = layers_of(mlp(np.random.default_rng(0)))
+    assert [(l.name, l.op, l.weight_name) for l in layers] == [
+        ("fc1", "Gemm", "W1"), ("fc2", "MatMul", "W2"), ("fc3", "Gemm", "W3")]
+    assert [(l.geometry.rows, l.geometry.cols) for l in layers] == [(16, 12), (8, 16), (4, 8)]
+    assert [l.bias is not None for l in layers] == [True, False, True]
+    assert skipped == []
+
+
+def test_conv_groups_and_storage():
+    layers, _ = layers_of(small_cnn(np.random.default_rng(0)))
+    conv1, dw, fc = layers
+    assert (conv1.geometry.groups, conv1.geometry.rows, conv1.geometry.cols) == (1, 6, 18)
+    assert (dw.geometry.groups, dw.geometry.rows, dw.geometry.cols) == (6, 1, 9)
+    assert conv1.storage == "initializer" and dw.bias is None
+
+
+def test_subgraph_and_constant_weights_resolve_lexically():
+    rng = np.random.default_rng(0)
+    layers, _ = layers_of(subgraphs.if_model(rng))
+    by = {l.name: l for l in layers}
+    assert by["then_mm"].weight_name == "Wo" and by["then_mm"].storage == "initializer"
+    assert by["else_gemm"].weight_name == "Wc" and "Constant node" in by["else_gemm"].storage
+    assert [a for _, a in by["then_mm"].uses[0].x_scope] == ["then_branch"]
+    assert by["else_gemm"].uses[0].x_scope == ()  # x comes from the outer graph
+    layers, _ = layers_of(subgraphs.constant_identity_model(rng))
+    assert layers[0].storage == "Constant node"
+
+
+def test_skip_reasons():
+    rng = np.random.default_rng(0)
+    # activation @ activation (attention-like), constant first operand, integer and batched weights
+    nodes = [helper.make_node("MatMul", ["x", "xt"], ["a"], name="act_act"),
+             helper.make_node("MatMul", ["C", "x"], ["b"], name="const_first"),
+             helper.make_node("MatMul", ["x", "B3"], ["c"], name="batched"),
+             helper.make_node("MatMulInteger", ["xi", "Wi"], ["d"], name="quant")]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, [4, 4]), vi("xt", TensorProto.FLOAT, [4, 4]),
+                               vi("xi", TensorProto.UINT8, [4, 4])],
+                       [vi("a", TensorProto.FLOAT, [4, 4]), vi("b", TensorProto.FLOAT, [4, 4]),
+                        vi("c", TensorProto.FLOAT, [2, 4, 4]), vi("d", TensorProto.INT32, [4, 4])],
+                       [tensor("C", rng.standard_normal((4, 4)).astype(np.float32)),
+                        tensor("B3", rng.standard_normal((2, 4, 4)).astype(np.float32)),
+                        tensor("Wi", np.ones((4, 4), np.uint8))])
+    layers, skipped = layers_of(model)
+    assert layers == []
+    reasons = {s.name: s.reason for s in skipped}
+    assert "computed at run time" in reasons["act_act"]
+    assert "first operand" in reasons["const_first"]
+    assert "rank 3" in reasons["batched"]
+    assert "quantized" in reasons["quant"]
+
+
+def test_shared_weights():
+    layers, skipped = layers_of(subgraphs.shared_model(np.random.default_rng(0)))
+    assert len(layers) == 1 and len(layers[0].uses) == 2
+    assert skipped[0].name == "mm_v" and "also used by" in skipped[0].reason
+
+
+def test_weight_that_is_a_graph_output_is_skipped():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), helper.make_node("Identity", ["W"], ["w_out"])]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 3])],
+                       [vi("y", TensorProto.FLOAT, ["N", 3]), vi("w_out", TensorProto.FLOAT, [3, 3])],
+                       [tensor("W", rng.standard_normal((3, 3)).astype(np.float32))])
+    layers, skipped = layers_of(model)
+    assert layers == [] and "graph output" in skipped[0].reason
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+@pytest.mark.parametrize("place", ["initializer", "constant"])
+def test_write_back_round_trips_dtype_and_place(dtype, place):
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((5, 3)).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if place == "initializer":
+        nodes, inits = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [tensor("W", values)]
+    else:
+        nodes = [helper.make_node("Constant", [], ["W"], value=tensor("v", values)),
+                 helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+        inits = []
+    model = make_model(nodes, [vi("x", elem, ["N", 5])], [vi("y", elem, ["N", 3])], inits)
+    layer = layers_of(model)[0][0]
+    np.testing.assert_array_equal(layer.read(), values)
+    new = values.astype(np.float64) * 2
+    new[0] = 0
+    write_tensor(layer.weight, new)
+    back = layers_of(model)[0][0].read()
+    assert back.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back, new.astype(dtype))
+    assert layers_of(model)[0][0].weight.dtype == elem
+
+
+def test_expose_returns_the_tensors_seen_inside_a_loop():
+    rng = np.random.default_rng(2)
+    model = subgraphs.loop_model(rng, trips=3)
+    layer = layers_of(model)[0][0]
+    u = layer.uses[0]
+    aug, exposed = expose(model, [(u.x, u.x_scope, np.float32)])
+    e = next(iter(exposed.values()))
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    stacked = sess.run([e.output], {"x": x})[0]
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    h, expect = x, []
+    for _ in range(3):
+        expect.append(h)
+        h = np.maximum(h @ w, 0)
+    np.testing.assert_allclose(stacked, np.stack(expect), rtol=1e-5, atol=1e-6)
+    assert e.stacked == 1
+
+
+def test_load_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(LobsError, match="nope.onnx: no such file"):
+        load_model(str(missing))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(LobsError, match="junk.onnx"):
+        load_model(str(junk))
+    text = tmp_path / "text.onnx"
+    text.write_text("hello, I am not a model")
+    with pytest.raises(LobsError, match="text.onnx"):
+        load_model(str(text))
+    model = mlp(np.random.default_rng(0))
+    model.graph.node[2].input[1] = "does_not_exist"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, broken)
+    with pytest.raises(LobsError, match="broken.onnx: invalid ONNX model"):
+        load_model(str(broken))
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(mlp(np.random.default_rng(0)).SerializeToString()[:200])
+    with pytest.raises(LobsError, match="truncated.onnx"):
+        load_model(str(truncated))
+
+
+def test_external_data_is_loaded_and_kept_external(tmp_path):
+    model = single_layer("MatMul", np.random.default_rng(0).standard_normal((64, 32)), (1, 64))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    loaded = load_model(str(path))
+    layer = find_layers(loaded)[0][0]
+    assert "external data" in layer.storage
+    out = tmp_path / "out.onnx"
+    save_model(loaded.model, str(out), external=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    again = load_model(str(out))
+    np.testing.assert_array_equal(find_layers(again)[0][0].read(), layer.read())
+
+
+def test_save_is_atomic_and_reports_bad_paths(tmp_path):
+    model = mlp(np.random.default_rng(0))
+    with pytest.raises(LobsError, match="does not exist"):
+        save_model(model, str(tmp_path / "no" / "m.onnx"))
+    out = tmp_path / "m.onnx"
+    save_model(model, str(out))
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary left behind
+    assert onnx.load(out) == model

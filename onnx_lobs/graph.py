@@ -491,24 +491,25 @@ def _body(node: NodeProto, attr: str) -> GraphProto:
 def _lift(parent: NodeProto, attr: str, name: str, fresh, dtype) -> tuple[str, int]:
     """Make tensor `name` of parent's subgraph `attr` an output of the parent node.
 
-    dtype is only needed for the empty stand-in in an If's other branch: a layer's input has
-    its weight's type, so the caller knows it without shape inference.
+    The body outputs an Identity of the tensor rather than the tensor itself: onnxruntime
+    yields zeros for a scan output that is a body input passed straight through. dtype is only
+    needed for the empty stand-in in an If's other branch: a layer's input has its weight's
+    type, so the caller knows it without shape inference.
     """
     out = fresh(name)
+    body = _body(parent, attr)
+    copy = fresh(name + "_copy")
+    body.node.append(onnx.helper.make_node("Identity", [name], [copy]))
+    body.output.append(onnx.ValueInfoProto(name=copy))
+    parent.output.append(out)
     if parent.op_type == "If":
-        branch = _body(parent, attr)
         other = _body(parent, "else_branch" if attr == "then_branch" else "then_branch")
-        branch.output.append(onnx.ValueInfoProto(name=name))
         empty = fresh(name + "_empty")
         other.node.append(onnx.helper.make_node(
             "Constant", [], [empty],
             value=numpy_helper.from_array(np.zeros((0,), dtype=dtype), empty + "_value")))
         other.output.append(onnx.ValueInfoProto(name=empty))
-        parent.output.append(out)
         return out, 0
-    body = _body(parent, attr)
-    body.output.append(onnx.ValueInfoProto(name=name))
-    parent.output.append(out)
     if parent.op_type == "Scan":
         n_scan_out = len(body.output) - (len(body.input) - _num_scan_inputs(parent))
         for a in parent.attribute:

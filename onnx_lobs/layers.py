@@ -194,8 +194,13 @@ class Conv:
         for i in range(0, x.shape[0], step):
             p = conv_patches(x[i:i + step], kernel, strides, dil, pads)
             n = p.shape[0] * math.prod(p.shape[1:1 + d])
-            p = p.reshape((n, g, cols))
-            yield np.ascontiguousarray(p.transpose(1, 0, 2), dtype=np.float64)
+            # Split channels into (group, channel) -- free on a view -- and bring the group to
+            # the front, so the one copy below both gathers the patches and casts to float64.
+            p = p.reshape(p.shape[:1 + d] + (g, cg) + p.shape[2 + d:])
+            p = np.moveaxis(p, 1 + d, 0)
+            out = np.empty(p.shape, dtype=np.float64)
+            out[...] = p
+            yield out.reshape(g, n, cols)
 
     def lipschitz_factor(self, node, weight_shape):
         """sqrt of the most receptive fields one input element can fall in (bounds the conv's norm)."""

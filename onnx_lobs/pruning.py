@@ -29,6 +29,7 @@ METADATA_KEY = "onnx_lobs"
 # error on the calibration data: the very quantity L-OBS minimises. A fixed H^-1 is a poor guide
 # for removing most of a layer, and stronger dampening tempers its compensations.
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0)
+DAMP_ROWS = 96
 
 
 @dataclass
@@ -276,23 +277,32 @@ def _solve_layer(w: _Work, config: PruneConfig, samples: dict) -> np.ndarray | N
 
 
 def _best_damped(solver, wk, hk, config, sparsity, protect):
-    """Solve one matrix, trying each dampening of the grid unless one is given; keep the best."""
-    best, best_score = None, None
-    cols = wk.shape[1] - (protect is not None)
-    for damp in (DAMP_GRID if config.damp is None else (config.damp,)):
+    """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
+
+    L-OBS rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
+    DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix.
+    """
+    def target(w, damp):
         if config.max_error is not None:
-            target = Target(max_loss=config.max_error * output_energy(wk, hk), protect=protect, damp=damp)
-        else:
-            target = Target(n_prune=int(round(sparsity * wk.shape[0] * cols)), protect=protect, damp=damp)
-        sol = solver(wk, hk, target)
+            return Target(max_loss=config.max_error * output_energy(w, hk), protect=protect, damp=damp)
+        cols = w.shape[1] - (protect is not None)
+        return Target(n_prune=int(round(sparsity * w.shape[0] * cols)), protect=protect, damp=damp)
+
+    if config.damp is not None:
+        return solver(wk, hk, target(wk, config.damp))
+    sub = wk if wk.shape[0] <= 2 * DAMP_ROWS else wk[np.linspace(0, wk.shape[0] - 1, DAMP_ROWS).astype(int)]
+    best = best_score = None
+    for damp in DAMP_GRID:
+        sol = solver(sub, hk, target(sub, damp))
         if sol.damp is None:  # the method does not use H^-1: nothing to choose
-            return sol
+            return sol if sub is wk else solver(wk, hk, target(wk, damp))
         # Under --max-error more removals at the same error are better; else lower error.
-        score = (-sol.pruned.sum(), layer_error(wk, sol.weights, hk)) if config.max_error is not None \
-            else (0, layer_error(wk, sol.weights, hk))
+        err = layer_error(sub, sol.weights, hk)
+        score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
         if best is None or score < best_score:
-            best, best_score = sol, score
-    return best
+            best, best_score = (damp, sol), score
+    damp, sol = best
+    return sol if sub is wk else solver(wk, hk, target(wk, damp))
 
 
 def _stamp(model: onnx.ModelProto, config: PruneConfig, sparsity: float) -> None:

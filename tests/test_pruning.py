@@ -283,3 +283,24 @@ def test_old_and_new_opsets(opset, ir):
     assert [r.sparsity for r in result.report.layers] == [pytest.approx(0.5, abs=0.02)] * 2
     assert result.model.opset_import[0].version == opset and result.model.ir_version == ir
     assert np.isfinite(run(result.model, {"img": img[:3]})[0]).all()
+
+
+def test_scan_body_layer_sees_every_slice():
+    rng = np.random.default_rng(15)
+    model = subgraphs.scan_model(rng)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    rec = result.report.layers[0]
+    dw = weights(result.model)["W"].astype(np.float64) - weights(model)["W"].astype(np.float64)
+    xs = x[split(300)[0]].astype(np.float64)
+    assert rec.error == pytest.approx(0.5 * np.mean(np.sum((xs @ dw) ** 2, axis=1)), rel=1e-5)
+    assert rec.sparsity == 0.5
+
+
+def test_fp64_model_end_to_end():
+    rng = np.random.default_rng(16)
+    model = mlp(rng, dtype=np.float64)
+    x = rng.standard_normal((200, 12))
+    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.DOUBLE}
+    assert np.isfinite(run(result.model, {"x": x[:4]})[0]).all()

@@ -159,11 +159,13 @@ def write_text_atomic(path: str, text: str) -> None:
 @click.option("--damp", default="auto", show_default=True,
               help="Dampening added to H, as a fraction of its mean diagonal; 'auto' picks, per layer, "
                    "the value of 0.01/0.1/1/10 with the lowest layer-wise error.")
+@click.option("--sequential", is_flag=True,
+              help="Calibrate each stage of layers on the model as pruned so far (error-correcting).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exclude, samples,
-          batch_size, damp, report_path, seed, quiet):
+          batch_size, damp, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .graph import save_model
     from .pruning import PruneConfig, prune as run_prune
@@ -181,7 +183,8 @@ def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exc
             click.echo(f"using bundled calibration data {os.path.relpath(calib)}", err=True)
     config = PruneConfig(method=method, sparsity=sparsity, layer_sparsity=_layer_sparsity(layer_sparsity),
                          max_error=max_error, exclude=list(exclude), samples=samples,
-                         batch_size=batch_size, seed=seed, damp=_damp(damp), progress=not quiet)
+                         batch_size=batch_size, seed=seed, damp=_damp(damp), sequential=sequential,
+                         progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_prune(model, calib, config)

@@ -585,3 +585,47 @@ def layer_chain(model: ModelProto, layers: list[Layer]):
     gains_after = [g_ for _, g_ in chain]
     into = [gain] + gains_after[:-1]
     return [(layer, gi) for (layer, _), gi in zip(chain, into)], gains_after[-1] if chain else 1.0
+
+
+# ----------------------------------------------------------------------------- stages for sequential mode
+
+def layer_stages(model: ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+    """Layers grouped so that no layer depends on another of its own stage.
+
+    A layer's stage is the largest number of layers on any path from the model inputs to its
+    input; layers in one stage can be calibrated in the same pass. Bodies of If/Loop/Scan are
+    walked with their outer scope, so a body layer fed by an outer layer comes after it.
+    """
+    by_node = {}
+    for layer in layers:
+        for u in layer.uses:
+            by_node[id(u.node)] = layer
+    stage: dict[int, int] = {}
+
+    def visit(graph, depth: dict) -> int:
+        deepest = 0
+        for node in graph.node:
+            d = max((depth.get(i, 0) for i in node.input if i), default=0)
+            inner = d
+            for a in node.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for sub in subs:
+                    local = dict(depth)
+                    local.update({i.name: d for i in sub.input})
+                    inner = max(inner, visit(sub, local))
+            layer = by_node.get(id(node))
+            if layer is not None:
+                stage[id(layer)] = max(stage.get(id(layer), 0), d)
+                out = d + 1
+            else:
+                out = inner
+            for o in node.output:
+                depth[o] = out
+            deepest = max(deepest, out)
+        return deepest
+
+    visit(model.graph, {})
+    groups: dict[int, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(stage.get(id(layer), 0), []).append(layer)
+    return [groups[k] for k in sorted(groups)]

@@ -32,6 +32,9 @@ class LayerRecord:
     predicted_error: float | None = None  # the solver's estimate of delta E
     rel_error: float | None = None
     holdout_error: float | None = None  # delta E on held-out samples
+    dense_input_holdout_error: float | None = None  # the same with dense inputs (for the bound)
+    propagated_error: float | None = None  # sequential: dense weights on the pruned inputs
+    corrected_error: float | None = None  # sequential: the unconstrained optimum W0 = W C H_p^-1
     damp: float | None = None
     seconds: float | None = None
     notes: list[str] = field(default_factory=list)

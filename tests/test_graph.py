@@ -178,3 +178,26 @@ def test_save_is_atomic_and_reports_bad_paths(tmp_path):
     save_model(model, str(out))
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary left behind
     assert onnx.load(out) == model
+
+
+def test_stages_follow_dependencies():
+    from onnx_lobs.graph import layer_stages
+
+    rng = np.random.default_rng(3)
+    layers, _ = layers_of(mlp(rng))
+    model = mlp(rng)
+    layers, _ = layers_of(model)
+    assert [[l.name for l in s] for s in layer_stages(model, layers)] == [["fc1"], ["fc2"], ["fc3"]]
+    # two parallel MatMuls on the same input share a stage; the one after both comes next
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["a"], name="left"),
+             helper.make_node("MatMul", ["x", "B"], ["b"], name="right"),
+             helper.make_node("Add", ["a", "b"], ["s"]),
+             helper.make_node("MatMul", ["s", "C"], ["y"], name="after")]
+    w = [tensor(n, rng.standard_normal((4, 4)).astype(np.float32)) for n in "ABC"]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 4])], [vi("y", TensorProto.FLOAT, ["N", 4])], w)
+    layers, _ = layers_of(model)
+    assert [[l.name for l in s] for s in layer_stages(model, layers)] == [["left", "right"], ["after"]]
+    # a layer inside a Loop body after an outer layer
+    model = subgraphs.loop_model(rng)
+    layers, _ = layers_of(model)
+    assert len(layer_stages(model, layers)) == 1

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs.graph import PROTOBUF_LIMIT
-from tests.builders import make_model, tensor, vi
+from tests.builders import tensor, vi
 from tests.test_cli import cli, digest
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 
 import numpy as np
 import onnx
@@ -304,3 +303,47 @@ def test_fp64_model_end_to_end():
     result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
     assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.DOUBLE}
     assert np.isfinite(run(result.model, {"x": x[:4]})[0]).all()
+
+
+def _layer_inputs(model, layer_names, x):
+    """Each named layer's input on x, by running the model with those inputs exposed."""
+    from onnx_lobs.graph import LoadedModel, expose, find_layers
+
+    layers = {l.name: l for l in find_layers(LoadedModel(model, "m"))[0]}
+    names = [layers[n].uses[0].x for n in layer_names]
+    aug, _ = expose(model, [(name, (), np.float32) for name in names])
+    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {n: x if name == "x" else sess.run([name], {"x": x})[0] for n, name in zip(layer_names, names)}
+
+
+def test_sequential_error_is_measured_against_the_dense_output():
+    rng = np.random.default_rng(17)
+    model = mlp(rng, sizes=(12, 24, 16, 6))
+    x = (rng.standard_normal((400, 12)) @ rng.standard_normal((12, 12))).astype(np.float32)
+    result = prune(model, {"x": x}, PruneConfig(sparsity=0.7, sequential=True))
+    calib = x[split(400)[0]]
+    dense_in = _layer_inputs(model, ["fc1", "fc2", "fc3"], calib)
+    pruned_in = _layer_inputs(result.model, ["fc1", "fc2", "fc3"], calib)
+    w0, w1 = weights(model), weights(result.model)
+    recs = {r.name: r for r in result.report.layers}
+    for name, wn, bn, mm in (("fc1", "W1", "b1", lambda a, w: a @ w.T), ("fc2", "W2", None, lambda a, w: a @ w),
+                             ("fc3", "W3", "b3", lambda a, w: 0.5 * a @ w)):
+        xd, xp = dense_in[name].astype(np.float64), pruned_in[name].astype(np.float64)
+        yd = mm(xd, w0[wn].astype(np.float64))
+        yp = mm(xp, w1[wn].astype(np.float64))
+        if bn:
+            scale = 2.0 if name == "fc3" else 1.0
+            yd, yp = yd + scale * w0[bn], yp + scale * w1[bn]
+        measured = 0.5 * np.mean(np.sum((yp - yd) ** 2, axis=1))
+        assert recs[name].error == pytest.approx(measured, rel=1e-4), name
+        if name != "fc1":
+            assert recs[name].propagated_error > recs[name].corrected_error
+
+
+def test_sequential_is_closer_to_the_dense_model_than_independent():
+    rng = np.random.default_rng(18)
+    model = mlp(rng, sizes=(12, 32, 32, 6))
+    x = (rng.standard_normal((600, 12)) @ rng.standard_normal((12, 12))).astype(np.float32)
+    ind = prune(model, {"x": x}, PruneConfig(sparsity=0.8)).report.fidelity["rel_l2"]
+    seq = prune(model, {"x": x}, PruneConfig(sparsity=0.8, sequential=True)).report.fidelity["rel_l2"]
+    assert seq < ind

@@ -96,6 +96,16 @@ def _layer_sparsity(values) -> dict:
     return out
 
 
+def _pattern(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        n, m = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise LobsError(f"--pattern '{value}': expected N:M, e.g. 2:4") from None
+    return n, m
+
+
 def _damp(value: str) -> float | None:
     if value == "auto":
         return None
@@ -159,13 +169,19 @@ def write_text_atomic(path: str, text: str) -> None:
 @click.option("--damp", default="auto", show_default=True,
               help="Dampening added to H, as a fraction of its mean diagonal; 'auto' picks, per layer, "
                    "the value of 0.01/0.1/1/10 with the lowest layer-wise error.")
+@click.option("--pattern", metavar="N:M", help="Structured sparsity: at most N non-zeros in every M "
+              "weights along the reduction axis (e.g. 2:4); replaces --sparsity.")
+@click.option("--global", "global_sparsity", type=float, metavar="S",
+              help="Remove S of all prunable weights, allocated across layers by normalised OBS cost.")
+@click.option("--no-default-exclude", is_flag=True,
+              help="Also prune first layers with very few input channels (left dense by default).")
 @click.option("--sequential", is_flag=True,
               help="Calibrate each stage of layers on the model as pruned so far (error-correcting).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exclude, samples,
-          batch_size, damp, sequential, report_path, seed, quiet):
+          batch_size, damp, pattern, global_sparsity, no_default_exclude, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .graph import save_model
     from .pruning import PruneConfig, prune as run_prune
@@ -184,7 +200,8 @@ def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exc
     config = PruneConfig(method=method, sparsity=sparsity, layer_sparsity=_layer_sparsity(layer_sparsity),
                          max_error=max_error, exclude=list(exclude), samples=samples,
                          batch_size=batch_size, seed=seed, damp=_damp(damp), sequential=sequential,
-                         progress=not quiet)
+                         pattern=_pattern(pattern), global_sparsity=global_sparsity,
+                         default_exclude=not no_default_exclude, progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_prune(model, calib, config)

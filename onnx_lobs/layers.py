@@ -77,6 +77,10 @@ class Gemm:
     def lipschitz_factor(self, node, weight_shape):
         return abs(node_attrs(node).get("alpha", 1.0))
 
+    def nm_groups(self, node, weight_shape, m):
+        """N:M groups run along the reduction axis K: m consecutive columns."""
+        return contiguous_groups(self.geometry(node, weight_shape).cols, m)
+
 
 class MatMul:
     op = "MatMul"
@@ -112,6 +116,10 @@ class MatMul:
 
     def lipschitz_factor(self, node, weight_shape):
         return 1.0
+
+    def nm_groups(self, node, weight_shape, m):
+        """N:M groups run along the reduction axis K: m consecutive columns."""
+        return contiguous_groups(self.geometry(node, weight_shape).cols, m)
 
 
 def conv_pads(attrs: dict, spatial: tuple, kernel: tuple) -> list[int]:
@@ -213,6 +221,23 @@ class Conv:
         for k, s, dl in zip(kernel, strides, dil):
             overlap *= min(k, -(-((k - 1) * dl + 1) // s))
         return math.sqrt(overlap)
+
+    def nm_groups(self, node, weight_shape, m):
+        """N:M groups run along input channels at each kernel position (TensorRT's layout).
+
+        Columns are ordered (channel, kernel position), so a group is m channels at stride K.
+        """
+        cg, k = weight_shape[1], math.prod(weight_shape[2:])
+        if cg % m:
+            return f"{cg} input channels per group do not divide into groups of {m}"
+        channels = np.arange(cg).reshape(-1, m)
+        return (channels[:, None, :] * k + np.arange(k)[None, :, None]).reshape(-1, m)
+
+
+def contiguous_groups(cols: int, m: int):
+    if cols % m:
+        return f"reduction size {cols} does not divide into groups of {m}"
+    return np.arange(cols).reshape(-1, m)
 
 
 ADAPTERS = {a.op: a for a in (Gemm(), MatMul(), Conv())}

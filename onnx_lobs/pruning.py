@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ import onnx
 
 from . import __version__
 from .activations import Collector, PassResult, Session, collect
+from .allocation import allocate, default_exclusion, explicit_sparsity, removal_costs
 from .calibration import make_session, open_source, run
 from .errors import LobsError
 from .evaluate import Fidelity
@@ -35,6 +37,9 @@ class PruneConfig:
     seed: int = 0
     damp: float | None = None  # fraction of mean diag(H) added before inverting; None: per layer
     sequential: bool = False  # calibrate each stage on the model as pruned so far
+    pattern: tuple[int, int] | None = None  # (n, m): at most n non-zeros in every m along K
+    global_sparsity: float | None = None  # allocate this overall sparsity across layers
+    default_exclude: bool = True  # leave first layers with very few inputs dense
     progress: bool = False
 
     def check(self) -> None:
@@ -44,6 +49,12 @@ class PruneConfig:
                                                           for k, v in self.layer_sparsity.items()]:
             if not 0 <= s < 1:
                 raise LobsError(f"{where}: sparsity must be in [0, 1), got {s}")
+        if self.pattern is not None and not (len(self.pattern) == 2 and 0 < self.pattern[0] < self.pattern[1]):
+            raise LobsError(f"--pattern must be N:M with 0 < N < M, got {self.pattern}")
+        if self.global_sparsity is not None and not 0 <= self.global_sparsity < 1:
+            raise LobsError(f"--global must be in [0, 1), got {self.global_sparsity}")
+        if self.global_sparsity is not None and (self.pattern is not None or self.max_error is not None):
+            raise LobsError("--global cannot be combined with --pattern or --max-error")
         if self.max_error is not None and not self.max_error > 0:
             raise LobsError(f"--max-error must be positive, got {self.max_error}")
         if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
@@ -65,6 +76,8 @@ class _Work:
     collector: Collector
     target: float
     record: LayerRecord
+    explicit: bool = False  # the target came from --layer-sparsity
+    nm: np.ndarray | None = None  # N:M column groups, when a pattern is asked for
     rows_per_sample: float | None = None  # unfolded rows per held-out sample (conv positions)
 
     @property
@@ -80,14 +93,14 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     t = time.perf_counter()
     loaded = _load(model)
     layers, skipped = find_layers(loaded)
-    work, records = _plan(layers, skipped, config)
+    work, records = _plan(loaded, layers, skipped, config)
     source = open_source(calibration, loaded.model, seed=config.seed, samples=config.samples) \
         if work else None
     timings["load"] = time.perf_counter() - t
 
     masks, held = {}, None
     if work:
-        held = _calibrate_and_solve(loaded, work, source, config, timings, masks)
+        held = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -122,66 +135,110 @@ def _load(model) -> LoadedModel:
     return load_model(str(model))
 
 
-def _target(layer: Layer, config: PruneConfig) -> float:
-    s = config.sparsity
-    for pattern, value in config.layer_sparsity.items():
-        if matches(layer, pattern):
-            s = value
-    return s
-
-
-def _plan(layers, skipped, config):
+def _plan(loaded, layers, skipped, config):
+    """Records for every layer found or skipped, and the work list with each layer's target."""
     records, work = [], []
+    graph_inputs = {i.name for i in loaded.model.graph.input}
     for layer in layers:
         g = layer.geometry
         rec = LayerRecord(layer.name, layer.op, layer.weight_name, g.rows * g.groups, g.cols, g.groups,
                           int(np.prod(layer.shape)), layer.storage, layer.dtype)
         records.append(rec)
         pattern = next((p for p in config.exclude if matches(layer, p)), None)
-        if pattern is not None:
-            rec.skipped = f"excluded by '{pattern}'"
+        explicit = explicit_sparsity(layer, config.layer_sparsity)
+        rec.skipped = (f"excluded by '{pattern}'" if pattern is not None
+                       else default_exclusion(layer, graph_inputs)
+                       if config.default_exclude and explicit is None else None)
+        nm = None
+        if rec.skipped is None and config.pattern is not None:
+            nm = layer.adapter.nm_groups(layer.uses[0].node, layer.shape, config.pattern[1])
+            if isinstance(nm, str):
+                rec.skipped = f"no {config.pattern[0]}:{config.pattern[1]} pattern: {nm}"
+        if rec.skipped is not None:
             continue
-        target = _target(layer, config)
+        target = explicit if explicit is not None else config.sparsity
+        if config.pattern is not None:
+            target = 1 - config.pattern[0] / config.pattern[1]
         rec.target_sparsity = None if config.max_error is not None else target
-        if target == 0 and config.max_error is None:
+        if target == 0 and config.max_error is None and config.global_sparsity is None:
             rec.notes.append("target sparsity 0: left as it is")
             continue
-        work.append(_Work(Collector(layer, config.sequential), target, rec))
+        work.append(_Work(Collector(layer, config.sequential), target, rec, explicit=explicit is not None,
+                          nm=nm))
     for s in skipped:
         records.append(LayerRecord(s.name, s.op, s.weight or "", 0, 0, skipped=s.reason))
     return work, records
 
 
-def _calibrate_and_solve(loaded, work, source, config, timings, masks) -> PassResult:
-    """Independent mode: one pass, then every solve. Sequential: a pass and its solves per stage."""
+def _allocate_globally(work, collectors, records, config) -> None:
+    """Set each free layer's target so that config.global_sparsity of all prunable weights go."""
+    total = sum(r.params for r in records if r.params)
+    fixed = sum(round(w.target * w.record.params) for w in work if w.explicit)
+    free = [(w, c) for w, c in zip(work, collectors) if not w.explicit]
+    costs = []
+    for w, c in free:
+        layer = w.layer
+        node = layer.uses[0].node
+        m = layer.adapter.to_matrices(node, layer.read().astype(np.float64))
+        bias = layer.read_bias()
+        b = None if bias is None else layer.adapter.bias_vector(node, bias, m.shape[0] * m.shape[1])
+        h = c.calib.hessian()
+        protect = None if b is None else np.r_[np.zeros(m.shape[2], bool), [True]]
+        costs.append(np.sort(np.concatenate([
+            removal_costs(m[k] if b is None else np.c_[m[k], b[k]], h[k], protect) for k in range(len(m))])))
+    wanted = round(config.global_sparsity * total) - fixed
+    available = sum(len(c) for c in costs)
+    if wanted > available:
+        warnings.warn(f"--global {config.global_sparsity}: only {(fixed + available) / total:.4f} of the weights "
+                      "can go once excluded and explicitly set layers are counted")
+    counts = allocate(costs, wanted)
+    for (w, _), n in zip(free, counts):
+        w.target = n / w.record.params
+        w.record.target_sparsity = w.target
+
+
+def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) -> PassResult:
+    """Independent mode: one pass, then every solve. Sequential: a pass and its solves per stage.
+
+    --global needs every layer's dense Hessian before the first solve: in independent mode that
+    is the one pass; in sequential mode it costs one extra pass.
+    """
     t = time.perf_counter()
-    collectors = [w.collector for w in work]
-    dense = Session(_copy(loaded.model) if config.sequential else loaded.model, collectors)
+    dense = Session(_copy(loaded.model) if config.sequential else loaded.model, [w.collector for w in work])
     timings["prepare"] = time.perf_counter() - t
+    held = None
+    if config.global_sparsity is not None:
+        plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
+        held = _checked(collect(dense, None, plain, source, config, timings, keep_held=True), source)
+        _allocate_globally(work, plain, records, config)
     stages = layer_stages(loaded.model, [w.layer for w in work]) if config.sequential else [None]
     by_layer = {id(w.layer): w for w in work}
-    first = None
     for k, stage in enumerate(stages):
         todo = work if stage is None else [by_layer[id(layer)] for layer in stage]
-        pruned = None
-        if stage is not None:
-            t = time.perf_counter()
-            pruned = Session(loaded.model, [w.collector for w in todo])  # carries earlier stages' weights
-            timings["prepare"] += time.perf_counter() - t
-        label = "calibrating" if stage is None else f"stage {k + 1}/{len(stages)}"
-        result = collect(dense, pruned, [w.collector for w in todo], source, config, timings,
-                         keep_held=first is None, label=label)
-        if result.samples["calibration"] == 0:
-            raise LobsError(f"{getattr(source, 'origin', 'calibration data')}: no calibration samples")
-        first = first or result
+        if stage is not None or held is None:
+            pruned = None
+            if stage is not None:
+                t = time.perf_counter()
+                pruned = Session(loaded.model, [w.collector for w in todo])  # has earlier stages' weights
+                timings["prepare"] += time.perf_counter() - t
+            label = "calibrating" if stage is None else f"stage {k + 1}/{len(stages)}"
+            result = _checked(collect(dense, pruned, [w.collector for w in todo], source, config, timings,
+                                      keep_held=held is None, label=label), source)
+            held = held or result
         t = time.perf_counter()
         for w in todo:
             if w.collector.calib.n == 0:
                 w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
                 continue
-            masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config)
+            masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-    return first
+    return held
+
+
+def _checked(result: PassResult, source) -> PassResult:
+    if result.samples["calibration"] == 0:
+        raise LobsError(f"{getattr(source, 'origin', 'calibration data')}: no calibration samples")
+    return result
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

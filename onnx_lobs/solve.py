@@ -32,7 +32,7 @@ def target_error(w_new, w_old, hp, c, hd) -> float:
                        + np.sum((w_old @ hd) * w_old))
 
 
-def solve_layer(c: Collector, target: float, record: LayerRecord, config) -> np.ndarray | None:
+def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
     """Prune one layer in place; fills its record and returns the removed-weights mask."""
     t = time.perf_counter()
     layer = c.layer
@@ -59,7 +59,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config) -> np.
             start = (wk @ cross[k]) @ damped_inverse(hp[k], W0_DAMP).hinv
             start_err += target_error(wk, wk, hp[k], cross[k], hd[k])
             w0_err += target_error(start, wk, hp[k], cross[k], hd[k])
-        sol = best_damped(solver, start, hp[k], config, target, protect)
+        sol = best_damped(solver, start, hp[k], config, target, protect, nm)
         if not np.all(np.isfinite(sol.weights)):
             raise AssertionError(f"{layer.name}: solver produced non-finite weights")
         new[k], pruned[k] = sol.weights[:, :cols], sol.pruned[:, :cols]
@@ -100,13 +100,15 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config) -> np.
     return mask
 
 
-def best_damped(solver, wk, hk, config, sparsity, protect):
+def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
     DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix.
     """
     def target(w, damp):
+        if nm is not None:
+            return Target(nm=nm, nm_keep=config.pattern[0], protect=protect, damp=damp)
         if config.max_error is not None:
             return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ hk) * w)), protect=protect,
                           damp=damp)

@@ -64,7 +64,7 @@ def test_prune_inspect_eval_on_every_kind(index, tmp_path, capsys):
     assert "prunable layers" in text
 
     code = cli("prune", str(src), "-o", str(out), "--calib", str(calib), "--sparsity", "0.5",
-               "--report", str(report), "--quiet")
+               "--report", str(report), "--quiet", "--no-default-exclude")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "overall sparsity" in captured.out and captured.err == ""

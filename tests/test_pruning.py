@@ -58,7 +58,7 @@ def test_reported_error_equals_the_measured_change_of_the_linear_output(case, me
                              attrs={"strides": [3], "dilations": [2], "pads": [2, 1]})
         x = rng.standard_normal((80, 2, 20))
     x = x.astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.6, method=method))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.6, method=method))
     rec = result.report.layers[0]
     calib, hold = split(len(x))
     for part, reported in ((calib, rec.error), (hold, rec.holdout_error)):
@@ -78,8 +78,8 @@ def test_lobs_beats_magnitude_and_updates_the_bias():
     x = (base @ rng.standard_normal((3, 12)) + 0.1 * rng.standard_normal((500, 12)) + 1.0).astype(np.float32)
     model = single_layer("Gemm", rng.standard_normal((8, 12)), (1, 12), bias=rng.standard_normal(8),
                          attrs={"transB": 1})
-    lobs = prune(model, {"x": x}, PruneConfig(sparsity=0.75))
-    mag = prune(model, {"x": x}, PruneConfig(sparsity=0.75, method="magnitude"))
+    lobs = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.75))
+    mag = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.75, method="magnitude"))
     assert lobs.report.layers[0].error < 0.5 * mag.report.layers[0].error
     w0, w1 = weights(model), weights(lobs.model)
     assert not np.allclose(w0["B"], w1["B"])  # the bias took part in the compensation
@@ -97,8 +97,8 @@ def test_input_model_file_and_object_are_not_modified(tmp_path):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     before = model.SerializeToString()
     x = rng.standard_normal((100, 12)).astype(np.float32)
-    prune(str(path), {"x": x}, PruneConfig(sparsity=0.5))
-    prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    prune(str(path), {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
+    prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert model.SerializeToString() == before
 
@@ -107,7 +107,7 @@ def test_layer_sparsity_overrides_exclusions_and_metadata():
     rng = np.random.default_rng(4)
     model = mlp(rng)
     x = rng.standard_normal((300, 12)).astype(np.float32)
-    cfg = PruneConfig(sparsity=0.5, layer_sparsity={"fc*": 0.25, "fc2": 0.75}, exclude=["fc3"])
+    cfg = PruneConfig(default_exclude=False, sparsity=0.5, layer_sparsity={"fc*": 0.25, "fc2": 0.75}, exclude=["fc3"])
     result = prune(model, {"x": x}, cfg)
     recs = {r.name: r for r in result.report.layers}
     assert recs["fc1"].sparsity == pytest.approx(0.25)
@@ -126,7 +126,7 @@ def test_max_error_keeps_each_layer_within_the_bound():
     model = small_cnn(rng)
     x = rng.standard_normal((200, 2, 8, 8)).astype(np.float32)
     for method in ("lobs", "magnitude"):
-        result = prune(model, {"x": x}, PruneConfig(max_error=0.05, method=method))
+        result = prune(model, {"x": x}, PruneConfig(default_exclude=False, max_error=0.05, method=method))
         for rec in result.report.layers:
             assert rec.rel_error <= 0.05 + 1e-9
             assert rec.sparsity > 0.1
@@ -136,7 +136,7 @@ def test_chain_bound_holds_and_is_reported():
     rng = np.random.default_rng(6)
     for model, shape in ((mlp(rng), (12,)), (small_cnn(rng), (2, 8, 8))):
         x = rng.standard_normal((300,) + shape).astype(np.float32)
-        report = prune(model, {"x": x}, PruneConfig(sparsity=0.7)).report
+        report = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.7)).report
         b = report.bound
         assert b["measured_rms"] > 0
         assert b["measured_rms"] <= b["bound_spectral"] * (1 + 1e-6)
@@ -148,7 +148,7 @@ def test_shared_weight_is_pruned_once_with_the_summed_hessian():
     rng = np.random.default_rng(7)
     model = subgraphs.shared_model(rng)
     x = rng.standard_normal((400, 4)).astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     recs = {r.name: r for r in result.report.layers}
     assert "weight is also used by" in recs["mm_v"].skipped
     dw = (weights(result.model)["W"] - weights(model)["W"]).astype(np.float64)
@@ -165,7 +165,7 @@ def test_weights_inside_if_branches_and_constant_nodes_are_written_back():
     x[::2] = np.abs(x[::2])
     x[1::2] = -np.abs(x[1::2])
     feed = {"x": x}
-    result = prune(model, feed, PruneConfig(sparsity=0.5, batch_size=8))
+    result = prune(model, feed, PruneConfig(default_exclude=False, sparsity=0.5, batch_size=8))
     recs = {r.name: r for r in result.report.layers}
     assert recs["then_mm"].sparsity == 0.5 and recs["else_gemm"].sparsity == 0.5
     else_branch = next(a.g for a in result.model.graph.node[2].attribute if a.name == "else_branch")
@@ -180,7 +180,7 @@ def test_loop_body_layer_is_calibrated_on_every_iteration():
     rng = np.random.default_rng(9)
     model = subgraphs.loop_model(rng)
     x = rng.standard_normal((300, 5)).astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.4))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.4))
     rec = result.report.layers[0]
     w0 = weights(model)["W"].astype(np.float64)
     dw = weights(result.model)["W"].astype(np.float64) - w0
@@ -207,7 +207,7 @@ def test_low_precision_weights_are_written_in_their_own_dtype(dtype):
     model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 8])], [vi("y", TensorProto.FLOAT, ["N", 4])],
                        [tensor("W", w)])
     x = rng.standard_normal((200, 8)).astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     t = result.model.graph.initializer[0]
     assert t.data_type == elem
     assert np.mean(numpy_helper.to_array(t).astype(np.float32) == 0) == 0.5
@@ -219,7 +219,7 @@ def test_fp16_model_end_to_end():
     rng = np.random.default_rng(11)
     model = mlp(rng, dtype=np.float16)
     x = rng.standard_normal((300, 12)).astype(np.float16)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     for t in result.model.graph.initializer:
         assert t.data_type == TensorProto.FLOAT16
     assert result.report.fidelity["cosine"] > 0.5
@@ -231,7 +231,7 @@ def test_random_calibration_must_be_asked_for_and_warns():
     with pytest.raises(LobsError, match="no calibration data"):
         prune(model, None)
     with pytest.warns(UserWarning, match="random"):
-        result = prune(model, "random", PruneConfig(samples=64))
+        result = prune(model, "random", PruneConfig(default_exclude=False, samples=64))
     assert result.report.samples["calibration"] + result.report.samples["held_out"] == 64
 
 
@@ -246,14 +246,14 @@ def test_calibration_reader_protocol():
         def get_next(self):
             return next(self.batches, None)
 
-    result = prune(model, Reader(), PruneConfig(sparsity=0.5))
+    result = prune(model, Reader(), PruneConfig(default_exclude=False, sparsity=0.5))
     assert result.report.samples == {"calibration": 288, "held_out": 32}
 
 
 def test_bad_config_is_a_user_error():
     model = mlp(np.random.default_rng(0))
-    for cfg in (PruneConfig(sparsity=1.0), PruneConfig(method="nope"), PruneConfig(max_error=-1),
-                PruneConfig(layer_sparsity={"fc1": 1.5}), PruneConfig(batch_size=0)):
+    for cfg in (PruneConfig(default_exclude=False, sparsity=1.0), PruneConfig(default_exclude=False, method="nope"), PruneConfig(default_exclude=False, max_error=-1),
+                PruneConfig(default_exclude=False, layer_sparsity={"fc1": 1.5}), PruneConfig(default_exclude=False, batch_size=0)):
         with pytest.raises(LobsError):
             prune(model, "random", cfg)
 
@@ -278,7 +278,7 @@ def test_old_and_new_opsets(opset, ir):
         inputs += [vi(t.name, t.data_type, list(t.dims)) for t in inits]
     model = make_model(nodes, inputs, [vi("y", TensorProto.FLOAT, ["N", 16])], inits, opset=opset, ir=ir)
     img = rng.standard_normal((200, 1, 2, 2)).astype(np.float32)
-    result = prune(model, {"img": img}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"img": img}, PruneConfig(default_exclude=False, sparsity=0.5))
     assert [r.sparsity for r in result.report.layers] == [pytest.approx(0.5, abs=0.02)] * 2
     assert result.model.opset_import[0].version == opset and result.model.ir_version == ir
     assert np.isfinite(run(result.model, {"img": img[:3]})[0]).all()
@@ -288,7 +288,7 @@ def test_scan_body_layer_sees_every_slice():
     rng = np.random.default_rng(15)
     model = subgraphs.scan_model(rng)
     x = rng.standard_normal((300, 4)).astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     rec = result.report.layers[0]
     dw = weights(result.model)["W"].astype(np.float64) - weights(model)["W"].astype(np.float64)
     xs = x[split(300)[0]].astype(np.float64)
@@ -300,7 +300,7 @@ def test_fp64_model_end_to_end():
     rng = np.random.default_rng(16)
     model = mlp(rng, dtype=np.float64)
     x = rng.standard_normal((200, 12))
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.5))
     assert {t.data_type for t in result.model.graph.initializer} == {TensorProto.DOUBLE}
     assert np.isfinite(run(result.model, {"x": x[:4]})[0]).all()
 
@@ -320,7 +320,7 @@ def test_sequential_error_is_measured_against_the_dense_output():
     rng = np.random.default_rng(17)
     model = mlp(rng, sizes=(12, 24, 16, 6))
     x = (rng.standard_normal((400, 12)) @ rng.standard_normal((12, 12))).astype(np.float32)
-    result = prune(model, {"x": x}, PruneConfig(sparsity=0.7, sequential=True))
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.7, sequential=True))
     calib = x[split(400)[0]]
     dense_in = _layer_inputs(model, ["fc1", "fc2", "fc3"], calib)
     pruned_in = _layer_inputs(result.model, ["fc1", "fc2", "fc3"], calib)
@@ -344,6 +344,6 @@ def test_sequential_is_closer_to_the_dense_model_than_independent():
     rng = np.random.default_rng(18)
     model = mlp(rng, sizes=(12, 32, 32, 6))
     x = (rng.standard_normal((600, 12)) @ rng.standard_normal((12, 12))).astype(np.float32)
-    ind = prune(model, {"x": x}, PruneConfig(sparsity=0.8)).report.fidelity["rel_l2"]
-    seq = prune(model, {"x": x}, PruneConfig(sparsity=0.8, sequential=True)).report.fidelity["rel_l2"]
+    ind = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.8)).report.fidelity["rel_l2"]
+    seq = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.8, sequential=True)).report.fidelity["rel_l2"]
     assert seq < ind

@@ -22,7 +22,7 @@ def test_chain_bound_recursion():
 
 def test_report_json_is_strict_and_complete():
     rng = np.random.default_rng(0)
-    result = prune(mlp(rng), {"x": rng.standard_normal((100, 12)).astype(np.float32)}, PruneConfig(sparsity=0.5))
+    result = prune(mlp(rng), {"x": rng.standard_normal((100, 12)).astype(np.float32)}, PruneConfig(default_exclude=False, sparsity=0.5))
     text = result.report.to_json()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["config"]["method"] == "lobs" and data["config"]["sparsity"] == 0.5

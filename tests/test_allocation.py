@@ -1,0 +1,77 @@
+"""Allocation: default exclusions, explicit overrides and global allocation by normalised OBS cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lobs import LobsError, PruneConfig, prune
+from onnx_lobs.allocation import allocate, removal_costs
+from onnx_lobs.hessian import damped_inverse
+from tests.builders import mlp, small_cnn
+
+
+def test_allocate_takes_the_globally_cheapest():
+    costs = [np.array([0.1, 0.2, 0.9]), np.array([0.05, 0.3]), np.array([1.0])]
+    assert allocate(costs, 3) == [2, 1, 0]
+    assert allocate(costs, 0) == [0, 0, 0]
+    assert allocate(costs, 99) == [3, 2, 1]
+    # brute force: the counts minimise the summed cost over all splits of 4 removals
+    best = min((sum(c[:k].sum() for c, k in zip(costs, ks)), ks)
+               for ks in np.ndindex(4, 3, 2) if sum(ks) == 4)[1]
+    assert allocate(costs, 4) == list(best)
+
+
+def test_removal_costs_are_obs_costs_over_output_energy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 5))
+    h = x.T @ x / 300
+    w = rng.standard_normal((3, 5))
+    hinv = damped_inverse(h, 0.01).hinv
+    expected = np.sort((w ** 2 / (2 * np.diagonal(hinv))).ravel()) / (0.5 * np.sum((w @ h) * w))
+    np.testing.assert_allclose(removal_costs(w, h, None), expected)
+    protect = np.array([False] * 4 + [True])
+    assert removal_costs(w, h, protect).size == 12
+
+
+def test_first_layer_with_few_inputs_is_left_dense_by_default():
+    rng = np.random.default_rng(1)
+    model = small_cnn(rng)  # conv1 reads 2 channels straight from the input
+    x = rng.standard_normal((100, 2, 8, 8)).astype(np.float32)
+    recs = {r.name: r for r in prune(model, {"x": x}).report.layers}
+    assert recs["conv1"].skipped.startswith("default exclusion: first layer with only 2 input channel")
+    assert recs["dwconv"].skipped is None and recs["fc"].skipped is None
+    recs = {r.name: r for r in prune(model, {"x": x}, PruneConfig(layer_sparsity={"conv1": 0.3})).report.layers}
+    assert recs["conv1"].sparsity == pytest.approx(0.3, abs=0.01)
+    recs = {r.name: r for r in prune(model, {"x": x}, PruneConfig(default_exclude=False)).report.layers}
+    assert recs["conv1"].sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_global_reaches_the_overall_sparsity():
+    rng = np.random.default_rng(2)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    # low-rank inputs make fc1 far more redundant than the rest
+    x = (rng.standard_normal((800, 4)) @ rng.standard_normal((4, 24))
+         + 0.05 * rng.standard_normal((800, 24))).astype(np.float32)
+    glob = prune(model, {"x": x}, PruneConfig(global_sparsity=0.7, default_exclude=False)).report
+    assert glob.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert len({round(r.sparsity, 3) for r in glob.layers}) > 1
+    seq = prune(model, {"x": x}, PruneConfig(global_sparsity=0.7, default_exclude=False, sequential=True)).report
+    assert seq.sparsity == pytest.approx(0.7, abs=1e-3)
+
+
+def test_global_counts_explicit_and_excluded_layers():
+    rng = np.random.default_rng(3)
+    model = mlp(rng)
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+    cfg = PruneConfig(global_sparsity=0.4, layer_sparsity={"fc3": 0.1}, exclude=["fc2"], default_exclude=False)
+    report = prune(model, {"x": x}, cfg).report
+    recs = {r.name: r for r in report.layers}
+    assert recs["fc3"].sparsity == pytest.approx(0.1, abs=0.02) and recs["fc2"].skipped
+    assert report.sparsity == pytest.approx(0.4, abs=1e-2)
+
+
+def test_global_conflicts_are_user_errors():
+    model = mlp(np.random.default_rng(0))
+    with pytest.raises(LobsError, match="--global cannot be combined"):
+        prune(model, "random", PruneConfig(global_sparsity=0.5, pattern=(2, 4)))

@@ -162,7 +162,8 @@ def write_text_atomic(path: str, text: str) -> None:
 @click.option("--layer-sparsity", multiple=True, metavar="GLOB=S",
               help="Per-layer sparsity by layer or weight name; repeatable, the last match wins.")
 @click.option("--max-error", type=float, help="Prune each layer until its relative error would pass this.")
-@click.option("--method", default="lobs", show_default=True, help="lobs or magnitude.")
+@click.option("--method", default="lobs", show_default=True,
+              help="lobs (the paper), obc (exact greedy OBS), sparsegpt, wanda or magnitude.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching layers dense; repeatable.")
 @click.option("--samples", type=int, help="Read at most this many calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True)

@@ -23,6 +23,9 @@ from .solvers import Target, get_solver
 # for removing most of a layer, and stronger dampening tempers its compensations.
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0)
 DAMP_ROWS = 96
+# OBC downdates H^-1 exactly after every removal, so light dampening serves it and a grid would
+# multiply its (already cubic) cost; it uses this fixed default instead.
+FIXED_DAMP = {"obc": 0.01}
 W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's unconstrained optimum
 
 
@@ -115,8 +118,9 @@ def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
         cols = w.shape[1] - (protect is not None)
         return Target(n_prune=int(round(sparsity * w.shape[0] * cols)), protect=protect, damp=damp)
 
-    if config.damp is not None:
-        return solver(wk, hk, target(wk, config.damp))
+    if config.damp is not None or config.method in FIXED_DAMP:
+        damp = config.damp if config.damp is not None else FIXED_DAMP[config.method]
+        return solver(wk, hk, target(wk, damp))
     sub = wk if wk.shape[0] <= 2 * DAMP_ROWS else wk[np.linspace(0, wk.shape[0] - 1, DAMP_ROWS).astype(int)]
     best = best_score = None
     for damp in DAMP_GRID:

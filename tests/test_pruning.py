@@ -347,3 +347,21 @@ def test_sequential_is_closer_to_the_dense_model_than_independent():
     ind = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.8)).report.fidelity["rel_l2"]
     seq = prune(model, {"x": x}, PruneConfig(default_exclude=False, sparsity=0.8, sequential=True)).report.fidelity["rel_l2"]
     assert seq < ind
+
+
+@pytest.mark.parametrize("method", ["lobs", "obc", "sparsegpt", "wanda", "magnitude"])
+def test_two_four_pattern_along_the_reduction_axis(method):
+    rng = np.random.default_rng(19)
+    w_conv = rng.standard_normal((6, 8, 3, 3))
+    model = single_layer("Conv", w_conv, (1, 8, 6, 6), bias=rng.standard_normal(6), attrs={"pads": [1, 1, 1, 1]})
+    x = rng.standard_normal((60, 8, 6, 6)).astype(np.float32)
+    result = prune(model, {"x": x}, PruneConfig(default_exclude=False, method=method, pattern=(2, 4)))
+    w = weights(result.model)["W"]
+    groups = (w.reshape(6, 2, 4, 3, 3) != 0).sum(axis=2)  # input channels in fours, at each kernel position
+    assert groups.max() <= 2 and groups.min() == 2
+    assert result.report.layers[0].sparsity == 0.5
+    # a reduction axis that does not divide by M is skipped with the reason
+    model = single_layer("MatMul", rng.standard_normal((6, 4)), (1, 6))
+    rec = prune(model, {"x": rng.standard_normal((40, 6)).astype(np.float32)},
+                PruneConfig(default_exclude=False, method=method, pattern=(2, 4))).report.layers[0]
+    assert rec.skipped == "no 2:4 pattern: reduction size 6 does not divide into groups of 4"

@@ -14,12 +14,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Target:
-    """How much to remove: exactly n_prune weights, or as many as keep the loss <= max_loss."""
+    """How much to remove: exactly n_prune weights, or as many as keep the loss <= max_loss.
+
+    With an N:M pattern (nm given) n_prune and max_loss are ignored: every row removes exactly
+    m - nm_keep weights of each group (so at most nm_keep non-zeros per row remain in it), and
+    columns in no group are not pruned. A group's columns need not be contiguous: a Conv's
+    groups run along input channels at one kernel position (stride K in the column index).
+    """
 
     n_prune: int | None = None
     max_loss: float | None = None
     protect: np.ndarray | None = None  # bool per column: never removed (the bias column)
     damp: float = 0.01  # fraction of mean diag(H) added before inverting
+    nm: np.ndarray | None = None  # int [n_groups, m]: the columns of each N:M group
+    nm_keep: int = 0  # n in "n:m": non-zeros allowed per row in each group
+    block: int = 128  # sparsegpt: columns per lazily-updated block
 
 
 @dataclass
@@ -37,10 +46,46 @@ def removable_columns(cols: int, target: Target) -> np.ndarray:
     return ~np.asarray(target.protect, dtype=bool)
 
 
-def _methods():
-    from . import lobs, magnitude
+def nm_groups(cols: int, target: Target) -> np.ndarray | None:
+    """The validated N:M groups as an int64 [n_groups, m] array, or None without a pattern.
 
-    return {"lobs": lobs.solve, "magnitude": magnitude.solve}
+    Groups must be disjoint, within range and free of protected columns.
+    """
+    if target.nm is None:
+        return None
+    groups = np.asarray(target.nm)
+    if groups.ndim != 2 or (groups.size and not np.issubdtype(groups.dtype, np.integer)):
+        raise ValueError("nm must be an integer array [n_groups, m] of column indices")
+    groups = groups.astype(np.int64)
+    if int(target.nm_keep) < 0:
+        raise ValueError(f"nm_keep must be >= 0, got {target.nm_keep}")
+    flat = groups.ravel()
+    if flat.size and (flat.min() < 0 or flat.max() >= cols):
+        raise ValueError(f"nm column index out of range for {cols} columns")
+    if len(np.unique(flat)) != flat.size:
+        raise ValueError("nm groups overlap (a column is listed twice)")
+    if flat.size and not removable_columns(cols, target)[flat].all():
+        raise ValueError("nm groups contain a protected column")
+    return groups
+
+
+def nm_removals(groups: np.ndarray, target: Target) -> int:
+    """How many weights each row removes under the pattern: m - n per group."""
+    return groups.shape[0] * max(groups.shape[1] - int(target.nm_keep), 0)
+
+
+def group_of_column(cols: int, groups: np.ndarray) -> np.ndarray:
+    """Per column, the index of its N:M group, or -1 when it is in none."""
+    of = np.full(cols, -1, dtype=np.int64)
+    of[groups.ravel()] = np.repeat(np.arange(groups.shape[0]), groups.shape[1])
+    return of
+
+
+def _methods():
+    from . import lobs, magnitude, obc, sparsegpt, wanda
+
+    return {"lobs": lobs.solve, "obc": obc.solve, "sparsegpt": sparsegpt.solve,
+            "wanda": wanda.solve, "magnitude": magnitude.solve}
 
 
 def get_solver(method: str):
@@ -50,4 +95,4 @@ def get_solver(method: str):
     return methods[method]
 
 
-METHODS = ("lobs", "magnitude")
+METHODS = ("lobs", "obc", "sparsegpt", "wanda", "magnitude")

@@ -10,6 +10,10 @@ rows, which is the same as sorting each row's entries by the running maximum of 
 Removed weights stay exactly zero: later compensations do not revive them. Since they never
 feed later coefficients, a row's final weights are w0 - sum_t c_t H^-1[q_t, :] on its kept
 entries, so the state at any merge point is rebuilt with one matrix product.
+
+N:M patterns: every row removes exactly m - n weights per group, so there is nothing to merge;
+each row runs the same greedy, except that a weight is only eligible while its group in that
+row still holds more than n unremoved weights (its cost is +inf once the group is full).
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import math
 import numpy as np
 
 from ..hessian import damped_inverse, layer_error
-from . import Solution, Target, removable_columns
+from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
 
 
 class _Sequences:
     """Each row's greedy removal sequence, computed lazily as far as the merge needs it."""
 
-    def __init__(self, w, hinv, dead, removable):
+    def __init__(self, w, hinv, dead, removable, groups=None, nm_keep=0):
         self.hinv = hinv
         self.diag = np.diagonal(hinv).copy()
         # Dead inputs cost nothing to remove; a removed or protected weight costs +inf.
@@ -39,6 +43,11 @@ class _Sequences:
         self.loss = np.zeros((rows, self.n_rem))
         self.coef = np.zeros((rows, self.n_rem))
         self.done = np.zeros(rows, dtype=np.int64)
+        self.groups = groups
+        if groups is not None:
+            self.nm_keep = nm_keep
+            self.group_of = group_of_column(w.shape[1], groups)
+            self.left = np.full((rows, groups.shape[0]), groups.shape[1], dtype=np.int64)
 
     def advance(self, rows: np.ndarray, steps: int) -> None:
         steps = min(steps, self.n_rem - int(self.done[rows].max()))
@@ -56,11 +65,22 @@ class _Sequences:
             # and rebuild() zeroes them, so they are not re-zeroed on every step.
             w -= c[:, None] * self.hinv[q]
             penalty[at, q] = np.inf
+            if self.groups is not None:
+                self._close_full_groups(rows, penalty, q)
             self.q[rows, base + t] = q
             self.loss[rows, base + t] = loss[at, q]
             self.coef[rows, base + t] = c
         self.cur[rows], self.penalty[rows] = w, penalty
         self.done[rows] += steps
+
+    def _close_full_groups(self, rows, penalty, q):
+        """N:M: once a row's group is down to nm_keep weights, its others become ineligible."""
+        g = self.group_of[q]
+        left = self.left[rows, g] - 1
+        self.left[rows, g] = left
+        full = np.flatnonzero(left <= self.nm_keep)
+        if len(full):
+            penalty[full[:, None], self.groups[g[full]]] = np.inf
 
     def rebuild(self, w, counts):
         """Weights, mask and predicted loss after the first counts[r] removals of each row."""
@@ -97,6 +117,9 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
     inv = damped_inverse(h, target.damp)
     rows, cols = w.shape
     removable = removable_columns(cols, target)
+    groups = nm_groups(cols, target)
+    if groups is not None:
+        return _solve_nm(w, inv, groups, target)
     seq = _Sequences(w, inv.hinv, inv.dead, removable)
     if seq.n_rem == 0 or rows == 0:
         return Solution(w.copy(), np.zeros(w.shape, bool), 0.0, inv.damp)
@@ -126,5 +149,21 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
             else:
                 hi = mid
         new, pruned, predicted = seq.rebuild(w, seq.merge(lo, None)[0])
-    notes = [] if inv.damp == target.damp else [f"dampening raised to {inv.damp:g} to invert H"]
-    return Solution(new, pruned, predicted, inv.damp, notes)
+    return Solution(new, pruned, predicted, inv.damp, _notes(inv, target))
+
+
+def _notes(inv, target):
+    return [] if inv.damp == target.damp else [f"dampening raised to {inv.damp:g} to invert H"]
+
+
+def _solve_nm(w, inv, groups, target):
+    rows, cols = w.shape
+    in_group = np.zeros(cols, dtype=bool)
+    in_group[groups.ravel()] = True
+    per_row = nm_removals(groups, target)
+    if per_row == 0 or rows == 0:
+        return Solution(w.copy(), np.zeros(w.shape, bool), 0.0, inv.damp, _notes(inv, target))
+    seq = _Sequences(w, inv.hinv, inv.dead, in_group, groups, int(target.nm_keep))
+    seq.advance(np.arange(rows), per_row)
+    new, pruned, predicted = seq.rebuild(w, np.full(rows, per_row))
+    return Solution(new, pruned, predicted, inv.damp, _notes(inv, target))

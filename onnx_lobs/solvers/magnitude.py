@@ -1,11 +1,26 @@
-"""Magnitude pruning: zero the smallest |w| of the layer, no compensation. The baseline."""
+"""Magnitude pruning: zero the smallest |w| of the layer, no compensation. The baseline.
+
+N:M patterns: per row and group, the m - n smallest |w| (ties: the earlier column in the group).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..hessian import layer_error
-from . import Solution, Target, removable_columns
+from . import Solution, Target, nm_groups, removable_columns
+
+
+def smallest_per_group(score: np.ndarray, groups: np.ndarray, n_remove: int) -> np.ndarray:
+    """Mask of the n_remove smallest scores of every row within every group (stable order)."""
+    mask = np.zeros(score.shape, dtype=bool)
+    n_remove = min(max(n_remove, 0), groups.shape[1])
+    if n_remove == 0 or groups.size == 0 or score.shape[0] == 0:
+        return mask
+    order = np.argsort(score[:, groups], axis=2, kind="stable")[:, :, :n_remove]  # [rows, G, k]
+    cols = np.take_along_axis(np.broadcast_to(groups, (score.shape[0],) + groups.shape), order, axis=2)
+    mask[np.arange(score.shape[0])[:, None, None], cols] = True
+    return mask
 
 
 def _prune_smallest(w: np.ndarray, removable: np.ndarray, k: int) -> np.ndarray:
@@ -40,7 +55,10 @@ def _prefix_losses(w: np.ndarray, h: np.ndarray, removable: np.ndarray, n_max: i
 def solve(w: np.ndarray, h: np.ndarray | None, target: Target) -> Solution:
     removable = removable_columns(w.shape[1], target)
     n_max = int(removable.sum()) * w.shape[0]
-    if target.n_prune is not None:
+    groups = nm_groups(w.shape[1], target)
+    if groups is not None:
+        mask = smallest_per_group(np.abs(w), groups, groups.shape[1] - int(target.nm_keep))
+    elif target.n_prune is not None:
         mask = _prune_smallest(w, removable, min(target.n_prune, n_max))
     else:
         # Largest k whose exact loss stays within max_loss. The loss need not grow with k

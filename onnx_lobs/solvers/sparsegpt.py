@@ -1,0 +1,218 @@
+"""SparseGPT (Frantar & Alistarh 2023): column-by-column OBS with lazy block updates.
+
+Let U be the upper triangular factor of the damped inverse, Hd^-1 = U^T U. Then for every j the
+inverse of Hd restricted to the columns j.. is U[j:, j:]^T U[j:, j:], whose row j is
+U_jj U[j, j:]. So sweeping the columns left to right, removing column j's weight (or keeping it)
+and compensating only the columns not yet processed is the OBS update
+
+    err = (w_j - q_j) / U_jj,   w[:, j:] -= err * U[j, j:],   with q_j = 0 (removed) or w_j,
+
+and since U^-T U^T = I the steps' corrections are Hd-orthogonal: the damped error of the result
+is exactly sum err^2 / 2 whatever the mask. That is predicted_loss, except for dead inputs
+(diag H == 0): removing them costs nothing, so they score 0 and their err is not counted. With
+damp = 0 and no dead inputs predicted_loss is exactly layer_error; with damping it is an upper
+bound of it (the damped objective adds damp * scale * |dw|^2 / 2).
+
+Columns are processed in blocks of B = target.block; inside a block the update is applied
+column by column to the block only (itself in sub-blocks of INNER columns with a matrix-product
+catch-up, see sweep), and the block's errors reach the later columns in one matrix product at
+its end (W[:, end:] -= Err @ U[block, end:]). The order of the additions changes, the result
+does not (the tests check block sizes 1..cols against an unblocked reference). Protected
+columns are never removed (err = 0) but do receive the compensation.
+
+Cost: the factorisation is O(cols^3) (one Cholesky, one triangular inverse); the sweep is
+O(rows * cols^2), nearly all in matrix products.
+
+Masks:
+- unstructured: at the start of each block, over the whole [rows x B] block (its removable
+  columns), the entries with the smallest w^2 / U_jj^2 are removed, the weights being the
+  current ones (all earlier blocks' updates applied). Block b removes
+  f(c_b) - f(c_{b-1}) where c_b counts the removable entries of blocks 0..b and
+  f(c) = round(n_prune * c / total removable), in exact integer arithmetic (half rounds up).
+  The rounding errors then telescope and the layer removes exactly n_prune, each block within
+  one weight of the layer's ratio.
+- N:M: a group's mask is chosen when the sweep reaches its first column, from the current
+  weights of all of its columns (the pending lazy update is applied to the columns of the group
+  lying beyond the block), removing per row the m - n smallest w^2 / U_cc^2. Groups thus may be
+  non-contiguous and may straddle blocks.
+
+max_loss: bisection over n_prune (one sweep per trial, the factorisation is shared) for the
+largest count whose exact layer_error is within max_loss. The error of a sweep need not grow
+with the count, so the result is within the budget but may not be the largest such count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..hessian import layer_error
+from . import Solution, Target, nm_groups, nm_removals, removable_columns
+from ._damped import inverse_upper_factor
+
+INNER = 16  # columns updated one by one inside a block before a BLAS-3 catch-up
+
+
+def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
+    """Run the sweep. mask [rows, cols] bool is read column by column as the sweep reaches it,
+    and may be filled in on the way: by choose_block(i1, i2, w_block) before each block, and by
+    choose_group(c, current) at each column c, where current(cols) gives the current weights
+    of columns >= c (every pending update applied).
+
+    Inside a block the column-by-column updates reach only a narrow sub-block of `inner`
+    columns; the rest of the block gets them as one product at the end of the sub-block, and
+    the later columns at the end of the block. Same arithmetic, reordered: small steps stay in
+    cache and the big ones go to BLAS-3 (per-column BLAS-2 calls are very slow when the BLAS
+    threads compete for cores).
+
+    Returns (weights, errors [rows, cols]); removed entries of weights are exactly 0.
+    """
+    w = np.array(w, dtype=np.float64)
+    rows, cols = w.shape
+    errors = np.zeros((rows, cols), order="F")
+    block, inner = max(1, int(block)), max(1, int(INNER if inner is None else inner))
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = np.asfortranarray(w[:, i1:i2])  # the block, columns contiguous
+        u1 = u[i1:i2, i1:i2]
+        e1 = errors[:, i1:i2]
+        if choose_block is not None:
+            choose_block(i1, i2, w1)
+        for s0 in range(0, i2 - i1, inner):
+            s1 = min(s0 + inner, i2 - i1)
+            for j in range(s0, s1):
+                c = i1 + j
+                if choose_group is not None:
+                    choose_group(c, lambda cs: _current(cs, w, w1, e1, u, i1, i2, s0, s1, j))
+                m = mask[:, c]
+                if not m.any():
+                    continue
+                err = np.where(m, w1[:, j], 0.0)
+                err /= u1[j, j]
+                if j + 1 < s1:
+                    w1[:, j + 1:s1] -= np.multiply.outer(err, u1[j, j + 1:s1])
+                w1[m, j] = 0.0
+                e1[:, j] = err
+            if s1 < i2 - i1:
+                w1[:, s1:] -= e1[:, s0:s1] @ u1[s0:s1, s1:]
+        w[:, i1:i2] = w1
+        if i2 < cols:
+            w[:, i2:] -= e1 @ u[i1:i2, i2:]
+    w[mask] = 0.0
+    return w, np.ascontiguousarray(errors)
+
+
+def _current(cs, w, w1, e1, u, i1, i2, s0, s1, j):
+    """Current weights of columns cs (all >= the column j being processed, block-relative)."""
+    out = np.empty((w.shape[0], len(cs)))
+    for k, c in enumerate(cs):
+        if c < i1 + s1:  # in the sub-block: up to date
+            out[:, k] = w1[:, c - i1]
+        elif c < i2:  # later in the block: this sub-block's updates are pending
+            out[:, k] = w1[:, c - i1] - e1[:, s0:j] @ u[i1 + s0:i1 + j, c]
+        else:  # after the block: the whole block's updates are pending
+            out[:, k] = w[:, c] - e1[:, :j] @ u[i1:i1 + j, c]
+    return out
+
+
+class _NMChooser:
+    """Chooses each N:M group's mask when the sweep reaches the group's first column."""
+
+    def __init__(self, groups, n_remove, diag_u, free, mask):
+        self.groups = groups
+        self.n_remove = min(n_remove, groups.shape[1])
+        self.scale = np.where(free, 0.0, 1.0 / diag_u ** 2)
+        self.mask = mask
+        starts = groups.min(axis=1)
+        self.starting_at = np.full(len(diag_u), -1, dtype=np.int64)
+        self.starting_at[starts] = np.arange(len(groups))
+
+    def __call__(self, c, current):
+        g = self.starting_at[c]
+        if g < 0 or self.n_remove == 0:
+            return
+        cols = self.groups[g]
+        score = current(cols) ** 2 * self.scale[cols][None, :]
+        order = np.argsort(score, axis=1, kind="stable")[:, :self.n_remove]
+        self.mask[np.arange(score.shape[0])[:, None], cols[order]] = True
+
+
+def smallest(score: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k smallest entries, ties to the first in row-major order: what a stable
+    argsort's first k would give, in linear time."""
+    flat = score.ravel()
+    sel = np.zeros(flat.size, dtype=bool)
+    if k >= flat.size:
+        sel[:] = True
+    elif k > 0:
+        kth = np.partition(flat, k - 1)[k - 1]
+        sel = flat < kth
+        sel[np.flatnonzero(flat == kth)[:k - int(sel.sum())]] = True
+    return sel.reshape(score.shape)
+
+
+class _BlockChooser:
+    """Unstructured: each block removes its share of n_prune, the smallest w^2 / U_jj^2."""
+
+    def __init__(self, rows, n_prune, removable, diag_u, free, mask):
+        self.rows = rows
+        self.removable = removable
+        self.total = rows * int(removable.sum())
+        self.n_prune = min(max(int(n_prune), 0), self.total)
+        self.before = np.concatenate([[0], np.cumsum(removable)])  # removable columns before j
+        self.scale = np.where(free, 0.0, 1.0 / diag_u ** 2)
+        self.mask = mask
+
+    def _share(self, c):
+        # round(n_prune * c / total), half up, in integers
+        return (2 * self.n_prune * c + self.total) // (2 * self.total) if self.total else 0
+
+    def __call__(self, i1, i2, w1):
+        k = self._share(self.rows * int(self.before[i2])) - self._share(self.rows * int(self.before[i1]))
+        if k == 0:
+            return
+        score = w1 ** 2 * self.scale[None, i1:i2]
+        score[:, ~self.removable[i1:i2]] = np.inf
+        self.mask[:, i1:i2] |= smallest(score, k)
+
+
+def _run(w, fac, target, removable, groups, n_prune):
+    rows, cols = w.shape
+    mask = np.zeros(w.shape, dtype=bool)
+    diag_u = np.diagonal(fac.u)
+    if groups is not None:
+        chooser = _NMChooser(groups, groups.shape[1] - int(target.nm_keep), diag_u, fac.dead, mask)
+        new, errors = sweep(w, fac.u, mask, target.block, choose_group=chooser)
+    else:
+        chooser = _BlockChooser(rows, n_prune, removable, diag_u, fac.dead, mask)
+        new, errors = sweep(w, fac.u, mask, target.block, choose_block=chooser)
+    predicted = 0.5 * float(np.sum(errors[:, ~fac.dead] ** 2))
+    return new, mask, predicted
+
+
+def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
+    rows, cols = w.shape
+    fac = inverse_upper_factor(h, target.damp)
+    removable = removable_columns(cols, target)
+    groups = nm_groups(cols, target)
+    notes = [] if fac.damp == target.damp else [f"dampening raised to {fac.damp:g} to factor H^-1"]
+    if groups is not None and nm_removals(groups, target) == 0:
+        groups = np.zeros((0, 1), dtype=np.int64)
+    if groups is not None or target.n_prune is not None:
+        new, mask, predicted = _run(w, fac, target, removable, groups, target.n_prune)
+        return Solution(new, mask, predicted, fac.damp, notes)
+
+    total = rows * int(removable.sum())
+    best = _run(w, fac, target, removable, None, 0)
+    trial = _run(w, fac, target, removable, None, total)
+    if layer_error(w, trial[0], h) <= target.max_loss:
+        best = trial
+    else:
+        lo, hi = 0, total  # error(lo) within budget, error(hi) over it
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial = _run(w, fac, target, removable, None, mid)
+            if layer_error(w, trial[0], h) <= target.max_loss:
+                lo, best = mid, trial
+            else:
+                hi = mid
+    return Solution(*best, fac.damp, notes)

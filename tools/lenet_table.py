@@ -50,7 +50,7 @@ def run(name, config, test):
 
 def rows_for(name, methods, samples, test):
     dense = test_error(onnx_lobs.load_model(os.path.join(ROOT, "models", f"{name}.onnx")).model, test)
-    yield (LABELS[name], "dense", "", "", f"{dense:.2f}", "0.0", "")
+    yield (LABELS[name], "dense", "", "", f"{dense:.2f}", "100", "")
     ratios = ", ".join(f"{k.strip('*')} {100 * (1 - v):.0f}%" for k, v in RATIOS[name].items())
     overall = None
     for method in methods:

@@ -17,7 +17,8 @@ import onnx
 from tqdm import tqdm
 
 from .calibration import make_session, run
-from .graph import Layer, expose
+from .graph import Layer
+from .topology import expose
 from .hessian import HessianAccumulator
 from .layers import unfold
 

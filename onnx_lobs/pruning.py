@@ -17,7 +17,8 @@ from .allocation import allocate, default_exclusion, explicit_sparsity, removal_
 from .calibration import make_session, open_source, run
 from .errors import LobsError
 from .evaluate import Fidelity
-from .graph import Layer, LoadedModel, find_layers, layer_chain, layer_stages, load_model, matches
+from .graph import Layer, LoadedModel, find_layers, load_model, matches
+from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .solve import solve_layer
 from .solvers import METHODS

@@ -7,12 +7,11 @@ import os
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnx_lobs import LobsError
-from onnx_lobs.graph import LoadedModel, expose, find_layers, load_model, save_model, write_tensor
+from onnx_lobs.graph import LoadedModel, find_layers, load_model, save_model, write_tensor
 from tests import subgraphs
 from tests.builders import make_model, mlp, single_layer, small_cnn, tensor, vi
 
@@ -113,25 +112,6 @@ def test_write_back_round_trips_dtype_and_place(dtype, place):
     assert layers_of(model)[0][0].weight.dtype == elem
 
 
-def test_expose_returns_the_tensors_seen_inside_a_loop():
-    rng = np.random.default_rng(2)
-    model = subgraphs.loop_model(rng, trips=3)
-    layer = layers_of(model)[0][0]
-    u = layer.uses[0]
-    aug, exposed = expose(model, [(u.x, u.x_scope, np.float32)])
-    e = next(iter(exposed.values()))
-    x = rng.standard_normal((4, 5)).astype(np.float32)
-    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
-    stacked = sess.run([e.output], {"x": x})[0]
-    w = numpy_helper.to_array(model.graph.initializer[0])
-    h, expect = x, []
-    for _ in range(3):
-        expect.append(h)
-        h = np.maximum(h @ w, 0)
-    np.testing.assert_allclose(stacked, np.stack(expect), rtol=1e-5, atol=1e-6)
-    assert e.stacked == 1
-
-
 def test_load_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.onnx"
     with pytest.raises(LobsError, match="nope.onnx: no such file"):
@@ -178,26 +158,3 @@ def test_save_is_atomic_and_reports_bad_paths(tmp_path):
     save_model(model, str(out))
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary left behind
     assert onnx.load(out) == model
-
-
-def test_stages_follow_dependencies():
-    from onnx_lobs.graph import layer_stages
-
-    rng = np.random.default_rng(3)
-    layers, _ = layers_of(mlp(rng))
-    model = mlp(rng)
-    layers, _ = layers_of(model)
-    assert [[l.name for l in s] for s in layer_stages(model, layers)] == [["fc1"], ["fc2"], ["fc3"]]
-    # two parallel MatMuls on the same input share a stage; the one after both comes next
-    nodes = [helper.make_node("MatMul", ["x", "A"], ["a"], name="left"),
-             helper.make_node("MatMul", ["x", "B"], ["b"], name="right"),
-             helper.make_node("Add", ["a", "b"], ["s"]),
-             helper.make_node("MatMul", ["s", "C"], ["y"], name="after")]
-    w = [tensor(n, rng.standard_normal((4, 4)).astype(np.float32)) for n in "ABC"]
-    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 4])], [vi("y", TensorProto.FLOAT, ["N", 4])], w)
-    layers, _ = layers_of(model)
-    assert [[l.name for l in s] for s in layer_stages(model, layers)] == [["left", "right"], ["after"]]
-    # a layer inside a Loop body after an outer layer
-    model = subgraphs.loop_model(rng)
-    layers, _ = layers_of(model)
-    assert len(layer_stages(model, layers)) == 1

@@ -307,7 +307,8 @@ def test_fp64_model_end_to_end():
 
 def _layer_inputs(model, layer_names, x):
     """Each named layer's input on x, by running the model with those inputs exposed."""
-    from onnx_lobs.graph import LoadedModel, expose, find_layers
+    from onnx_lobs.graph import LoadedModel, find_layers
+    from onnx_lobs.topology import expose
 
     layers = {l.name: l for l in find_layers(LoadedModel(model, "m"))[0]}
     names = [layers[n].uses[0].x for n in layer_names]

@@ -18,8 +18,18 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import NodeProto, helper
 
-# Upper bound on the float64 column data materialised at once while unfolding a conv input.
+from .hessian import FAST_ROWS
+
+# Upper bound on the column data materialised at once while unfolding an input.
 CHUNK_BYTES = 64 << 20
+# At most this many rows (samples x output positions) per conv chunk: the accumulator's float32
+# products take FAST_ROWS rows at a time, which it reads from such a chunk without copying.
+CHUNK_ROWS = FAST_ROWS
+
+
+def column_dtype(x: np.ndarray) -> np.dtype:
+    """float64 inputs unfold to float64 columns, every other float type to float32 (exactly)."""
+    return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
 def node_attrs(node: NodeProto) -> dict:
@@ -72,7 +82,11 @@ class Gemm:
         # samples are A's last axis, so swap before merging them.
         x = np.swapaxes(x, -1, -2) if a.get("transA", 0) else x
         x = x.reshape(-1, x.shape[-1])
-        yield (a.get("alpha", 1.0) * x.astype(np.float64))[None]
+        alpha = a.get("alpha", 1.0)
+        if alpha == 1.0:
+            yield x.astype(column_dtype(x), copy=False)[None]
+        else:  # scaled in float64, where it is exact enough for the 1e-10 references
+            yield (alpha * x.astype(np.float64))[None]
 
     def lipschitz_factor(self, node, weight_shape):
         return abs(node_attrs(node).get("alpha", 1.0))
@@ -110,9 +124,10 @@ class MatMul:
     def unfold(self, node, x, weight_shape):
         k = x.shape[-1]
         flat = x.reshape(-1, k)
-        step = max(1, CHUNK_BYTES // (8 * k))
+        dtype = column_dtype(x)
+        step = max(1, CHUNK_BYTES // (dtype.itemsize * k))
         for i in range(0, flat.shape[0], step):
-            yield flat[i:i + step].astype(np.float64)[None]
+            yield flat[i:i + step].astype(dtype, copy=False)[None]  # a view when no cast is needed
 
     def lipschitz_factor(self, node, weight_shape):
         return 1.0
@@ -146,7 +161,7 @@ def conv_pads(attrs: dict, spatial: tuple, kernel: tuple) -> list[int]:
 def conv_patches(x: np.ndarray, kernel, strides, dilations, pads) -> np.ndarray:
     """Strided view [N, out..., C, k...] of every receptive field of x [N, C, in...] (im2col)."""
     d = len(kernel)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)]) if any(pads) else x
     span = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
     v = sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
     v = v[(slice(None), slice(None))
@@ -187,6 +202,8 @@ class Conv:
         return b.reshape(like.shape)
 
     def unfold(self, node, x, weight_shape):
+        """Chunks of whole samples (or of output lines of one sample), each [g, n, cols] with
+        every group Fortran-ordered: the copy runs along output positions, contiguous in x."""
         a = node_attrs(node)
         g = a.get("group", 1)
         d = x.ndim - 2
@@ -194,21 +211,31 @@ class Conv:
         strides = a.get("strides", [1] * d)
         dil = a.get("dilations", [1] * d)
         pads = conv_pads(a, x.shape[2:], kernel)
+        out_shape = [(x.shape[2 + i] + pads[i] + pads[i + d] - (kernel[i] - 1) * dil[i] - 1) // strides[i] + 1
+                     for i in range(d)]
+        if min(out_shape, default=1) <= 0:
+            raise ValueError(f"Conv input {list(x.shape)} is smaller than its kernel {list(kernel)}")
+        dtype = column_dtype(x)
         cg = x.shape[1] // g
         cols = cg * math.prod(kernel)
-        probe = conv_patches(x[:1], kernel, strides, dil, pads)
-        per_sample = max(1, math.prod(probe.shape[1:1 + d])) * cols * g * 8
-        step = max(1, CHUNK_BYTES // per_sample)
+        per_sample = math.prod(out_shape)
+        budget = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (g * cols * dtype.itemsize)))  # rows per chunk
+        if per_sample <= budget:  # whole samples per chunk
+            step, lines = budget // per_sample, out_shape[0]
+        else:  # one sample is too much: split it along its first output axis
+            step, lines = 1, max(1, budget // (per_sample // out_shape[0]))
         for i in range(0, x.shape[0], step):
-            p = conv_patches(x[i:i + step], kernel, strides, dil, pads)
-            n = p.shape[0] * math.prod(p.shape[1:1 + d])
-            # Split channels into (group, channel) -- free on a view -- and bring the group to
-            # the front, so the one copy below both gathers the patches and casts to float64.
+            p = conv_patches(x[i:i + step], kernel, strides, dil, pads)  # [n, out..., C, k...]
+            # Split channels into (group, channel) and order the view [g, cg, k..., n, out...] --
+            # free on a view -- so the one copy below gathers the patches (and casts) with
+            # output positions innermost: runs along x's rows instead of kernel-wide snippets.
             p = p.reshape(p.shape[:1 + d] + (g, cg) + p.shape[2 + d:])
-            p = np.moveaxis(p, 1 + d, 0)
-            out = np.empty(p.shape, dtype=np.float64)
-            out[...] = p
-            yield out.reshape(g, n, cols)
+            p = p.transpose((1 + d, 2 + d) + tuple(range(3 + d, 3 + 2 * d)) + tuple(range(1 + d)))
+            for j in range(0, out_shape[0], lines):
+                v = p[(slice(None),) * (3 + d) + (slice(j, j + lines),)]
+                out = np.empty(v.shape, dtype=dtype)
+                out[...] = v
+                yield out.reshape(g, cols, -1).transpose(0, 2, 1)
 
     def lipschitz_factor(self, node, weight_shape):
         """sqrt of the most receptive fields one input element can fall in (bounds the conv's norm)."""
@@ -248,7 +275,11 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMu
 
 
 def unfold(adapter, node, x, weight_shape) -> Iterator[np.ndarray]:
-    """Columns [groups, n, cols] of one input batch, in float64 chunks.
+    """Columns [groups, n, cols] of one input batch, in chunks of bounded size.
+
+    float64 inputs give float64 columns, any other float type float32 ones (no rounding either
+    way: the accumulator decides the precision of the products). Chunks may be views of x, or
+    Fortran-ordered per group (conv); treat them as read-only.
 
     Inputs gathered from Loop/Scan iterations arrive stacked with extra leading axes; those are
     more samples, so they are merged into the op's own sample axis first.

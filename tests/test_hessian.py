@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper
 from scipy.linalg import LinAlgError
 
-from onnx_lobs.hessian import HessianAccumulator, damped_inverse, layer_error, output_energy
+from onnx_lobs import hessian
+from onnx_lobs.hessian import FAST_ROWS, HessianAccumulator, damped_inverse, layer_error, output_energy
+from onnx_lobs.layers import ADAPTERS, unfold
 
 
 def rel_fro(a, b):
@@ -297,3 +300,143 @@ def test_layer_error_and_output_energy_from_samples(bias):
         assert output_energy(w_old, h[g]) == pytest.approx(_direct_energy(w_old, xa[g]), rel=1e-12)
         assert layer_error(np.zeros_like(w_old), w_old, h[g]) == pytest.approx(output_energy(w_old, h[g]),
                                                                                 rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision: the default (float32 products, float64 totals) against exact float64 accumulation
+
+
+def _post_relu_activations(rng, n, channels, size, mean=4.0):
+    """Activations like a ReLU network's: channel-correlated, spatially smooth, a large positive
+    mean with channel-dependent scales, and zeros where the ReLU cut."""
+    mix = rng.standard_normal((channels, channels)) / np.sqrt(channels)
+    z = np.einsum("dc,nchw->ndhw", mix, rng.standard_normal((n, channels, size, size)))
+    z = (z + np.roll(z, 1, axis=2) + np.roll(z, 1, axis=3)) / np.sqrt(3)  # neighbours correlate
+    scale = rng.uniform(0.5, 2.0, (1, channels, 1, 1))
+    offset = rng.uniform(0.5, 2.0, (1, channels, 1, 1)) * mean
+    return np.maximum(z * scale + offset - 1.5, 0.0).astype(np.float32)
+
+
+def _fast_and_exact(node, x_batches, weight_shape, bias=True):
+    adapter = ADAPTERS[node.op_type]
+    g = adapter.geometry(node, weight_shape)
+    fast = HessianAccumulator(g.groups, g.cols, bias)
+    exact = HessianAccumulator(g.groups, g.cols, bias, exact=True)
+    for x in x_batches:
+        for cols in unfold(adapter, node, x, weight_shape):
+            assert cols.dtype == np.float32
+            fast.add(cols)
+            exact.add(cols)
+    assert fast.n == exact.n
+    return fast.hessian(), exact.hessian()
+
+
+@pytest.mark.parametrize("kernel,stride,group", [(3, 1, 1), (1, 1, 1), (3, 2, 1), (3, 1, 16)])
+def test_fast_accumulation_matches_float64_on_post_relu_conv_columns(kernel, stride, group):
+    """Several batches of im2col columns (more rows than FAST_ROWS per batch): the float32
+    products stay within 1e-6 of float64, relative to H and also to its centered part."""
+    rng = np.random.default_rng(40 + kernel + stride + group)
+    channels = 32
+    n = 12 * stride ** 2
+    batches = [_post_relu_activations(rng, n, channels, 28) for _ in range(3)]
+    assert n * 28 * 28 // stride ** 2 > FAST_ROWS  # products really are split
+    node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[kernel, kernel],
+                            strides=[stride, stride], pads=[kernel // 2] * 4, group=group)
+    h, ref = _fast_and_exact(node, batches, (channels, channels // group, kernel, kernel))
+    assert h.dtype == np.float64
+    assert rel_fro(h, ref) <= 1e-6
+    # relative to the covariance (H less its mean's outer product), which the large mean dwarfs
+    mean = ref[:, :-1, -1]
+    centered = ref[:, :-1, :-1] - np.einsum("gi,gj->gij", mean, mean)
+    assert np.linalg.norm(ref[:, :-1, :-1]) > 5 * np.linalg.norm(centered)
+    assert np.linalg.norm(h[:, :-1, :-1] - ref[:, :-1, :-1]) / np.linalg.norm(centered) <= 1e-5
+    # the bias column and corner are float64 sums: as exact as the float64 path
+    np.testing.assert_allclose(h[:, :-1, -1], ref[:, :-1, -1], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(h[:, -1, -1], 1.0)
+
+
+def test_fast_accumulation_matches_float64_on_gemm_and_matmul_inputs():
+    rng = np.random.default_rng(41)
+    feats = [_post_relu_activations(rng, 4000, 256, 1).reshape(4000, 256) for _ in range(3)]
+    gemm = helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1)
+    h, ref = _fast_and_exact(gemm, feats, (10, 256))
+    assert rel_fro(h, ref) <= 1e-6
+    matmul = helper.make_node("MatMul", ["x", "W"], ["y"])
+    h, ref = _fast_and_exact(matmul, [f.reshape(2, 2000, 256) for f in feats], (256, 10), bias=False)
+    assert rel_fro(h, ref) <= 1e-6
+
+
+def test_bias_sums_are_float64_sums():
+    """sum x over millions of rows: float32 accumulation would be off by far more than 1e-12."""
+    rng = np.random.default_rng(42)
+    x = (1.0 + rng.random((1, 1 << 21, 3))).astype(np.float32)  # 2M rows
+    acc = HessianAccumulator(1, 3, True)
+    for i in range(0, x.shape[1], 1 << 19):
+        acc.add(x[:, i:i + (1 << 19)])
+    ref = x[0].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(acc.hessian()[0, -1, :-1], ref, rtol=1e-13, atol=0)
+    assert acc.n == 1 << 21
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_accumulator_layouts_dtypes_and_merge(bias, monkeypatch):
+    """float32 columns in any layout, float16 columns, products split into tiny row blocks,
+    and merging: all agree with the float64 reference within the fast tolerance."""
+    monkeypatch.setattr(hessian, "FAST_ROWS", 5)
+    rng = np.random.default_rng(43 + bias)
+    parts = [p.astype(np.float32) for p in batches(rng, 3, 6, [7, 1, 12, 13], offset=2.0)]
+    ref = direct_hessian(np.concatenate(parts, axis=1).astype(np.float64), bias)
+    layouts = [
+        parts[0],  # C-ordered
+        np.asfortranarray(parts[1].transpose(0, 2, 1)).transpose(0, 2, 1),  # Fortran-ordered groups
+        np.asfortranarray(parts[2].transpose(0, 2, 1)).transpose(0, 2, 1)[:, ::1],  # F, sliced by rows
+        np.ascontiguousarray(np.repeat(parts[3], 2, axis=2))[:, :, ::2],  # neither
+    ]
+    a, b = HessianAccumulator(3, 6, bias), HessianAccumulator(3, 6, bias)
+    for p in layouts[:2]:
+        a.add(p)
+    for p in layouts[2:]:
+        b.add(p)
+    a.merge(b)
+    assert a.n == 33
+    h = a.hessian()
+    assert rel_fro(h, ref) <= 1e-6
+    np.testing.assert_array_equal(h, h.transpose(0, 2, 1))
+    # float16 columns go through float32 exactly
+    half = [p.astype(np.float16) for p in parts]
+    acc = HessianAccumulator(3, 6, bias)
+    for p in half:
+        acc.add(p)
+    ref16 = direct_hessian(np.concatenate(half, axis=1).astype(np.float64), bias)
+    assert rel_fro(acc.hessian(), ref16) <= 1e-6
+
+
+def test_exact_accumulator_on_float32_columns():
+    """exact=True: float32 columns are upcast before multiplying, so the float64 references hold
+    to rounding level -- the path the adapter tests use to check columns to 1e-10."""
+    rng = np.random.default_rng(44)
+    parts = [p.astype(np.float32) for p in batches(rng, 2, 5, [9, 30, 4], offset=3.0)]
+    for bias in (False, True):
+        acc = HessianAccumulator(2, 5, bias, exact=True)
+        for p in parts:
+            acc.add(p)
+        ref = direct_hessian(np.concatenate(parts, axis=1).astype(np.float64), bias)
+        assert rel_fro(acc.hessian(), ref) <= 1e-14
+
+
+def test_float64_columns_always_take_the_exact_path():
+    rng = np.random.default_rng(45)
+    x = rng.standard_normal((1, 50, 4)) * 1e-3 + 1.0  # needs more than float32's 7 digits
+    acc = HessianAccumulator(1, 4, True)  # default (fast) mode
+    acc.add(x)
+    assert rel_fro(acc.hessian(), direct_hessian(x, True)) <= 1e-14
+
+
+def test_add_rejects_mismatched_columns():
+    acc = HessianAccumulator(2, 3, False)
+    with pytest.raises(ValueError):
+        acc.add(np.zeros((1, 4, 3), np.float32))
+    with pytest.raises(ValueError):
+        acc.add(np.zeros((2, 4, 5), np.float32))
+    acc.add(np.zeros((2, 0, 3), np.float32))  # no rows: nothing changes
+    assert acc.n == 0

@@ -22,7 +22,8 @@ from onnx_lobs.hessian import HessianAccumulator
 from onnx_lobs.layers import ADAPTERS, conv_pads, node_attrs, unfold
 from tests.builders import make_model, single_layer, tensor, vi
 
-HESS_RTOL = 1e-10
+HESS_RTOL = 1e-10  # the exact (float64) accumulator against the brute-force references
+FAST_RTOL = 1e-6  # the default accumulator's float32 products against the same references
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,9 +70,9 @@ def columns(adapter, node, x, weight_shape):
     return np.concatenate(chunks, axis=1), len(chunks)
 
 
-def hessian_from_chunks(adapter, node, x, weight_shape, bias):
+def hessian_from_chunks(adapter, node, x, weight_shape, bias, exact=True):
     g = adapter.geometry(node, weight_shape)
-    acc = HessianAccumulator(g.groups, g.cols, bias)
+    acc = HessianAccumulator(g.groups, g.cols, bias, exact=exact)
     for c in unfold(adapter, node, x, weight_shape):
         acc.add(c)
     return acc.hessian(), acc.n
@@ -299,7 +300,7 @@ def test_conv_columns_reproduce_op(case):
     mats = adapter.to_matrices(node, w.astype(np.float64))
     assert mats.shape == (geom.groups, geom.rows, geom.cols)
     assert cols.shape[0] == geom.groups and cols.shape[2] == geom.cols
-    assert cols.dtype == np.float64
+    assert cols.dtype == np.float32  # float32 input: the columns are its values, not rounded
 
     evaluator = "reference" if _needs_reference_evaluator(attrs) else "ort"
     y = run_model(model, x, evaluator).astype(np.float64)
@@ -333,6 +334,8 @@ def test_conv_hessian_matches_loops(case):
     assert n == x.shape[0] * math.prod(out)
     assert h.shape == ref.shape
     assert rel_fro(h, ref) <= HESS_RTOL
+    h_fast, _ = hessian_from_chunks(adapter, node, x, w.shape, with_bias, exact=False)
+    assert rel_fro(h_fast, ref) <= FAST_RTOL
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=_ids(CONV_CASES))
@@ -497,17 +500,57 @@ def test_conv_chunking_leaves_hessian_unchanged(case, monkeypatch):
     h_full, _ = hessian_from_chunks(adapter, node, x, w_shape, with_bias)
     assert n_full == 1
     g, rows, c = full_cols.shape
-    per_sample = 8 * g * c * (rows // 5)
-    # one sample per chunk, then two (5 samples: a ragged last chunk)
-    for chunk_bytes, expect in ((1, 5), (2 * per_sample + 7, 3)):
-        monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
-        cols, n_chunks = columns(adapter, node, x, w_shape)
-        assert n_chunks == expect
-        np.testing.assert_array_equal(cols, full_cols)
-        h, n = hessian_from_chunks(adapter, node, x, w_shape, with_bias)
-        assert n == full_cols.shape[1]
-        assert rel_fro(h, h_full) <= 1e-13
-        assert rel_fro(h, ref_hessian(ref_conv_patches(x, w_shape, attrs)[0], with_bias)) <= HESS_RTOL
+    lines = conv_params(x.shape, w_shape, attrs)[5][0]  # output positions along the first axis
+    per_sample, per_line = rows // 5, rows // 5 // lines
+    row_bytes = 4 * g * c  # float32 columns
+    settings = [
+        (dict(CHUNK_BYTES=row_bytes * 2 * per_sample + 7), 3),  # two samples a chunk (ragged tail)
+        (dict(CHUNK_ROWS=2 * per_sample + 1), 3),  # the same, bounded by rows
+        (dict(CHUNK_BYTES=1), 5 * lines),  # less than a sample: one output line a chunk
+        (dict(CHUNK_ROWS=2 * per_line), 5 * math.ceil(lines / 2)),  # two lines a chunk
+    ]
+    for patch, expect in settings:
+        with monkeypatch.context() as m:
+            for name, value in patch.items():
+                m.setattr(layers, name, value)
+            chunks = list(unfold(adapter, node, x, w_shape))
+            assert len(chunks) == expect
+            assert all(ch.dtype == np.float32 and ch.shape[0] == g and ch.shape[2] == c for ch in chunks)
+            np.testing.assert_array_equal(np.concatenate(chunks, axis=1), full_cols)
+            for exact, tol in ((True, HESS_RTOL), (False, FAST_RTOL)):
+                h, n = hessian_from_chunks(adapter, node, x, w_shape, with_bias, exact=exact)
+                assert n == full_cols.shape[1]
+                assert rel_fro(h, h_full) <= (1e-13 if exact else tol)
+                assert rel_fro(h, ref_hessian(ref_conv_patches(x, w_shape, attrs)[0], with_bias)) <= tol
+
+
+def test_column_dtypes_and_layouts():
+    """Columns keep float32 and float64 as they are and widen narrower floats to float32 exactly;
+    nothing is copied that need not be, and conv chunks are Fortran-ordered per group (what the
+    accumulator's syrk reads in place)."""
+    rng = np.random.default_rng(12)
+    x32 = rng.standard_normal((6, 5)).astype(np.float32)
+    gemm, matmul = ADAPTERS["Gemm"], ADAPTERS["MatMul"]
+    node = helper.make_node("Gemm", ["x", "W"], ["y"])
+    (cols,) = unfold(gemm, node, x32, (5, 3))
+    assert cols.dtype == np.float32 and np.shares_memory(cols, x32)
+    scaled = helper.make_node("Gemm", ["x", "W"], ["y"], alpha=0.3)
+    (cols,) = unfold(gemm, scaled, x32, (5, 3))  # alpha applied in float64: no float32 rounding
+    assert cols.dtype == np.float64
+    np.testing.assert_array_equal(cols[0], node_attrs(scaled)["alpha"] * x32.astype(np.float64))
+    (cols,) = unfold(matmul, helper.make_node("MatMul", ["x", "W"], ["y"]), x32, (5, 3))
+    assert cols.dtype == np.float32 and np.shares_memory(cols, x32)
+    (cols,) = unfold(matmul, helper.make_node("MatMul", ["x", "W"], ["y"]), x32.astype(np.float16), (5, 3))
+    assert cols.dtype == np.float32
+    np.testing.assert_array_equal(cols[0], x32.astype(np.float16).astype(np.float32))
+    conv = ADAPTERS["Conv"]
+    xc = rng.standard_normal((3, 4, 6, 5)).astype(np.float16)
+    cnode = helper.make_node("Conv", ["x", "W"], ["y"], group=2, pads=[1, 1, 1, 1])
+    chunks = list(unfold(conv, cnode, xc, (4, 2, 3, 3)))
+    assert all(c.dtype == np.float32 and all(c[g].flags.f_contiguous for g in range(2)) for c in chunks)
+    ref = ref_conv_patches(xc.astype(np.float32), (4, 2, 3, 3), dict(group=2, pads=[1, 1, 1, 1]))[0]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), ref)
+    assert list(unfold(conv, cnode, xc.astype(np.float64), (4, 2, 3, 3)))[0].dtype == np.float64
 
 
 def test_matmul_chunking_leaves_hessian_unchanged(monkeypatch):
@@ -518,10 +561,10 @@ def test_matmul_chunking_leaves_hessian_unchanged(monkeypatch):
     full_cols, n_full = columns(adapter, node, x, (4, 2))
     h_full, _ = hessian_from_chunks(adapter, node, x, (4, 2), False)
     assert n_full == 1
-    for chunk_bytes in (1, 8 * 4 * 5):  # one row per chunk, then 5 rows (21 rows: a ragged tail)
+    for chunk_bytes in (1, 4 * 4 * 5):  # one row per chunk, then 5 rows (21 rows: a ragged tail)
         monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
         cols, n_chunks = columns(adapter, node, x, (4, 2))
-        assert n_chunks == math.ceil(21 / max(1, chunk_bytes // 32))
+        assert n_chunks == math.ceil(21 / max(1, chunk_bytes // 16))  # float32 rows of 4
         np.testing.assert_array_equal(cols, full_cols)
         h, n = hessian_from_chunks(adapter, node, x, (4, 2), False)
         assert n == 21

@@ -72,8 +72,9 @@ class Session:
 
     def run(self, feed: dict, origin: str, outputs: bool, collectors) -> tuple[list, dict]:
         """The model's outputs (when asked) and the named values the collectors need."""
-        wanted = {self.exposed[_key(u)].output for c in collectors for u in c.layer.uses}
-        extra = sorted(wanted - set(self.outputs) - self.inputs)
+        exposed = [self.exposed[_key(u)] for c in collectors for u in c.layer.uses]
+        wanted = {e.output for e in exposed} | {e.shape for e in exposed if e.shape}
+        extra = sorted(wanted - (set(self.outputs) if outputs else set()) - self.inputs)
         names = (self.outputs if outputs else []) + extra
         outs = run(self.session, names, feed, origin) if names else []
         values = dict(feed)
@@ -81,7 +82,7 @@ class Session:
         return (outs[:len(self.outputs)] if outputs else []), values
 
     def inputs_of(self, values: dict, collector: Collector):
-        return [values[self.exposed[_key(u)].output] for u in collector.layer.uses]
+        return [self.exposed[_key(u)].value(values) for u in collector.layer.uses]
 
 
 @dataclass

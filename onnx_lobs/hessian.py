@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import blas, cho_factor, cho_solve, LinAlgError
+from scipy.linalg import LinAlgError, blas, lapack
 
 # Rows per float32 product on the fast path: rounding grows with the rows summed in float32, so
 # longer inputs are cut into products of at most this many rows, each added into float64.
@@ -70,16 +70,21 @@ class HessianAccumulator:
         """The mean Hessian [groups, c, c], c = cols (+1 with bias), symmetric, float64."""
         if self.n == 0:
             raise ValueError("no calibration samples reached this layer")
-        xx = np.triu(self._xx) + np.triu(self._xx, 1).transpose(0, 2, 1)
-        if not self.bias:
-            return xx / self.n
-        g, c, _ = xx.shape
-        h = np.empty((g, c + 1, c + 1))
-        h[:, :c, :c] = xx
-        h[:, :c, c] = self._x
-        h[:, c, :c] = self._x
-        h[:, c, c] = self.n
-        return h / self.n
+        g, c, _ = self._xx.shape
+        k = c + self.bias
+        h = np.empty((g, k, k))
+        xx = h[:, :c, :c]
+        # The lower triangle of the totals is 0, so the upper plus its transpose is the full
+        # matrix with the diagonal counted twice.
+        np.add(self._xx, self._xx.transpose(0, 2, 1), out=xx)
+        idx = np.arange(c)
+        xx[:, idx, idx] *= 0.5
+        if self.bias:
+            h[:, :c, c] = self._x
+            h[:, c, :c] = self._x
+            h[:, c, c] = self.n
+        h /= self.n
+        return h
 
 
 def _syrk(syrk, x: np.ndarray, beta: float, c: np.ndarray) -> None:
@@ -102,29 +107,50 @@ class DampedInverse:
     dead: np.ndarray  # bool per column: inputs that were zero on every calibration sample
 
 
-def damped_inverse(h: np.ndarray, damp: float, max_tries: int = 8) -> DampedInverse:
-    """Invert H + damp * mean(diag H) * I, raising damp tenfold until the Cholesky succeeds.
-
-    Dead inputs (diag H == 0) carry no signal, so their diagonal is set to 1: it keeps H
-    invertible without coupling them to anything, and their weights cost nothing to remove.
-    """
+def damped_hessian(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Hd, dead): H + damp * mean(diag H) * I with every dead input (diag H == 0) decoupled and
+    given a unit diagonal. Dead inputs carry no signal: the 1 keeps Hd invertible without
+    coupling them to anything, and their weights cost nothing to remove. The scale is the mean
+    diagonal of H itself, not of the 1s put in for dead inputs."""
     h = np.array(h, dtype=np.float64)
     diag = np.diagonal(h).copy()
     dead = diag <= 0
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = 1.0
-    scale = float(np.mean(np.maximum(diag, 0.0))) or 1.0  # of H itself, not the 1s put in for dead inputs
+    scale = float(np.mean(np.maximum(diag, 0.0))) or 1.0
+    h[np.diag_indices_from(h)] += damp * scale
+    return h, dead
+
+
+def damped_inverse(h: np.ndarray, damp: float, max_tries: int = 8) -> DampedInverse:
+    """Invert damped_hessian(h, damp), raising damp tenfold until the Cholesky succeeds."""
     d = damp
     for _ in range(max_tries):
-        try:
-            hd = h + (d * scale) * np.eye(h.shape[0])
-            factor = cho_factor(hd, lower=False, check_finite=True)
-            hinv = cho_solve(factor, np.eye(h.shape[0]))
-            if np.all(np.isfinite(hinv)) and np.all(np.diagonal(hinv) > 0):
-                return DampedInverse((hinv + hinv.T) / 2, d, dead)
-        except LinAlgError:
-            pass
+        hd, dead = damped_hessian(h, d)
+        up, info = lapack.dpotrf(hd, lower=0, clean=0, overwrite_a=1)
+        if info == 0:
+            inv, info = lapack.dpotri(up, lower=0, overwrite_c=1)  # upper triangle of Hd^-1
+            if info == 0:
+                hinv = np.triu(inv)
+                hinv += np.triu(inv, 1).T
+                if np.all(np.isfinite(hinv)) and np.all(np.diagonal(hinv) > 0):
+                    return DampedInverse(hinv, d, dead)
+        d = d * 10 if d > 0 else 1e-8
+    raise LinAlgError("Hessian could not be regularised")
+
+
+def damped_solve(h: np.ndarray, damp: float, rhs: np.ndarray, max_tries: int = 8) -> np.ndarray:
+    """Hd^-1 rhs for Hd = damped_hessian(h, damp), raising damp as damped_inverse does: one
+    Cholesky and two triangular solves, a third of the work of forming Hd^-1."""
+    d = damp
+    for _ in range(max_tries):
+        hd, _ = damped_hessian(h, d)
+        up, info = lapack.dpotrf(hd, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            x, info = lapack.dpotrs(up, rhs, lower=0)
+            if info == 0 and np.all(np.isfinite(x)):
+                return x
         d = d * 10 if d > 0 else 1e-8
     raise LinAlgError("Hessian could not be regularised")
 

@@ -18,6 +18,7 @@ from .calibration import make_session, open_source, run
 from .errors import LobsError
 from .evaluate import Fidelity
 from .graph import Layer, LoadedModel, find_layers, load_model, matches
+from .segments import SegmentedPass, plan
 from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .solve import solve_layer
@@ -199,21 +200,29 @@ def _allocate_globally(work, collectors, records, config) -> None:
 
 
 def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) -> PassResult:
-    """Independent mode: one pass, then every solve. Sequential: a pass and its solves per stage.
+    """Independent mode: one pass, then every solve. Sequential: per stage, a pass and its solves
+    (by graph segments, segments.py, unless a layer input lives in a subgraph: whole passes).
 
     --global needs every layer's dense Hessian before the first solve: in independent mode that
     is the one pass; in sequential mode it costs one extra pass.
     """
-    t = time.perf_counter()
-    dense = Session(_copy(loaded.model) if config.sequential else loaded.model, [w.collector for w in work])
-    timings["prepare"] = time.perf_counter() - t
+    dense_model = _copy(loaded.model) if config.sequential else loaded.model
+    stages = layer_stages(loaded.model, [w.layer for w in work]) if config.sequential else [None]
+    by_layer = {id(w.layer): w for w in work}
+    segments = plan(loaded.model, stages) if config.sequential else None
+    dense = None
+    if segments is None or config.global_sparsity is not None:
+        t = time.perf_counter()
+        dense = Session(dense_model, [w.collector for w in work])
+        timings["prepare"] = time.perf_counter() - t
     held = None
     if config.global_sparsity is not None:
         plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
         held = _checked(collect(dense, None, plain, source, config, timings, keep_held=True), source)
         _allocate_globally(work, plain, records, config)
-    stages = layer_stages(loaded.model, [w.layer for w in work]) if config.sequential else [None]
-    by_layer = {id(w.layer): w for w in work}
+    if segments is not None:
+        return _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
+                                       config, timings, masks, held)
     for k, stage in enumerate(stages):
         todo = work if stage is None else [by_layer[id(layer)] for layer in stage]
         if stage is not None or held is None:
@@ -228,12 +237,48 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
             held = held or result
         t = time.perf_counter()
         for w in todo:
-            if w.collector.calib.n == 0:
-                w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
-                continue
-            masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm)
+            _solve(w, config, masks)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     return held
+
+
+def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
+                            masks, held) -> PassResult:
+    """Sequential mode with every node run once per model (segments.py); same results as a
+    whole pass per stage."""
+    t = time.perf_counter()
+    runner = SegmentedPass(segments, source, config, timings)
+    timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
+    try:
+        samples = runner.samples()
+        if samples["calibration"] == 0:
+            raise LobsError(f"{getattr(source, 'origin', 'calibration data')}: no calibration samples")
+        for k, stage in enumerate(stages):
+            todo = [by_layer[id(layer)] for layer in stage]
+            runner.stage(k, dense_model, loaded.model, [w.collector for w in todo],
+                         f"stage {k + 1}/{len(stages)}")
+            t = time.perf_counter()
+            for w in todo:
+                _solve(w, config, masks)
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+    finally:
+        runner.close()
+    if held is not None:
+        return held
+    t = time.perf_counter()
+    sess = make_session(dense_model)
+    names = [o.name for o in dense_model.graph.output]
+    origin = getattr(source, "origin", "calibration data")
+    held_dense = [run(sess, names, feed, origin) for feed in runner.feeds.held_feeds]
+    timings["verify"] = timings.get("verify", 0.0) + time.perf_counter() - t
+    return PassResult(samples, runner.feeds.held_feeds, held_dense)
+
+
+def _solve(w, config, masks) -> None:
+    if w.collector.calib.n == 0:
+        w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
+        return
+    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm)
 
 
 def _checked(result: PassResult, source) -> PassResult:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .activations import Collector, blocks
 from .graph import write_tensor
-from .hessian import damped_inverse, layer_error
+from .hessian import damped_solve, layer_error
 from .report import LayerRecord
 from .solvers import Target, get_solver
 
@@ -33,6 +33,15 @@ def target_error(w_new, w_old, hp, c, hd) -> float:
     """(1/2n) sum ||W' x_p - W x_d||^2 from the joint Hessian's blocks (exact)."""
     return 0.5 * float(np.sum((w_new @ hp) * w_new) - 2 * np.sum((w_old @ c) * w_new)
                        + np.sum((w_old @ hd) * w_old))
+
+
+def _error(w_new, w_old, blocks_, k) -> float:
+    """target_error of group k; in independent mode (one matrix for all three blocks) that is
+    layer_error, at a third of the cost."""
+    hp, c, hd = blocks_
+    if hp is c and c is hd:
+        return layer_error(w_old, w_new, hp[k])
+    return target_error(w_new, w_old, hp[k], c[k], hd[k])
 
 
 def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
@@ -59,7 +68,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
         wk = aug(old, old_b, k)
         start = wk
         if c.joint:  # error-correcting start: the best weights for the pruned inputs
-            start = (wk @ cross[k]) @ damped_inverse(hp[k], W0_DAMP).hinv
+            start = damped_solve(hp[k], W0_DAMP, (wk @ cross[k]).T).T  # H_p is symmetric
             start_err += target_error(wk, wk, hp[k], cross[k], hd[k])
             w0_err += target_error(start, wk, hp[k], cross[k], hd[k])
         sol = best_damped(solver, start, hp[k], config, target, protect, nm)
@@ -86,11 +95,12 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     err = energy = hold_err = dense_hold_err = 0.0
     for k in range(g):
         a, b = aug(old, old_b, k), aug(new, new_b, k)
-        err += target_error(b, a, hp[k], cross[k], hd[k])
+        err += _error(b, a, (hp, cross, hd), k)
         energy += 0.5 * float(np.sum((a @ hd[k]) * a))
         if held is not None:
-            hold_err += target_error(b, a, held[0][k], held[1][k], held[2][k])
-            dense_hold_err += layer_error(a, b, held[2][k])
+            e = _error(b, a, held, k)
+            hold_err += e
+            dense_hold_err += layer_error(a, b, held[2][k]) if c.joint else e
     record.sparsity = float(np.mean(stored == 0))
     record.error, record.predicted_error = err, predicted
     record.rel_error = err / energy if energy > 0 else 0.0
@@ -107,16 +117,21 @@ def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
-    DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix.
+    DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix. The grid
+    is walked upwards and stops at the first dampening that does worse than the one before:
+    the error as a function of the dampening has one valley in practice, and each step costs a
+    factorisation. The winner's factorisation is reused for the final solve.
     """
+    memo = {}
+
     def target(w, damp):
         if nm is not None:
-            return Target(nm=nm, nm_keep=config.pattern[0], protect=protect, damp=damp)
+            return Target(nm=nm, nm_keep=config.pattern[0], protect=protect, damp=damp, memo=memo)
         if config.max_error is not None:
             return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ hk) * w)), protect=protect,
-                          damp=damp)
+                          damp=damp, memo=memo)
         cols = w.shape[1] - (protect is not None)
-        return Target(n_prune=int(round(sparsity * w.shape[0] * cols)), protect=protect, damp=damp)
+        return Target(n_prune=int(round(sparsity * w.shape[0] * cols)), protect=protect, damp=damp, memo=memo)
 
     if config.damp is not None or config.method in FIXED_DAMP:
         damp = config.damp if config.damp is not None else FIXED_DAMP[config.method]
@@ -130,6 +145,8 @@ def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
         # Under --max-error more removals at the same error are better; else lower error.
         err = layer_error(sub, sol.weights, hk)
         score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
+        if best is not None and score > best_score:
+            break
         if best is None or score < best_score:
             best, best_score = (damp, sol), score
     damp, sol = best

@@ -8,7 +8,8 @@ from onnx import helper
 from scipy.linalg import LinAlgError
 
 from onnx_lobs import hessian
-from onnx_lobs.hessian import FAST_ROWS, HessianAccumulator, damped_inverse, layer_error, output_energy
+from onnx_lobs.hessian import (FAST_ROWS, HessianAccumulator, damped_inverse, damped_solve, layer_error,
+                               output_energy)
 from onnx_lobs.layers import ADAPTERS, unfold
 
 
@@ -440,3 +441,15 @@ def test_add_rejects_mismatched_columns():
         acc.add(np.zeros((2, 4, 5), np.float32))
     acc.add(np.zeros((2, 0, 3), np.float32))  # no rows: nothing changes
     assert acc.n == 0
+
+
+def test_damped_solve_is_the_damped_inverse_applied():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((50, 20))
+    x[:, 3] = 0  # a dead input
+    x[:, 5] = x[:, 6]  # rank deficient
+    h = x.T @ x / 50
+    rhs = rng.standard_normal((20, 7))
+    for damp in (0.0, 0.01, 1.0):
+        inv = damped_inverse(h, damp)
+        np.testing.assert_allclose(damped_solve(h, damp, rhs), inv.hinv @ rhs, rtol=1e-8, atol=1e-10)

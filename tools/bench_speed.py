@@ -194,8 +194,24 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=None, help="default: chosen per layer by the library")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="per-layer unfold/add seconds of the hessian phase")
+    ap.add_argument("--modes", default="independent",
+                    help="comma-separated: independent,sequential (both: run in turn, ratio printed)")
     args = ap.parse_args()
+    totals = {}
+    for mode in args.modes.split(","):
+        if mode not in ("independent", "sequential"):
+            ap.error(f"unknown mode {mode!r}")
+        print(f"=== {mode} ===")
+        totals[mode] = run(args, mode == "sequential")
+        print()
+    if len(totals) == 2:
+        print(f"sequential / independent total time: {totals['sequential'] / totals['independent']:.2f}")
 
+
+def run(args, sequential: bool) -> float:
+    """One pruning run; prints its phases and returns its total seconds. In sequential mode the
+    floor counts two forward passes (dense and pruned) and the joint Hessian of [x_d, x_p],
+    four times the work of H."""
     net = MODELS[args.model]()
     fp32, fp64 = matmul_rate(np.float32), matmul_rate(np.float64)
     x = np.random.default_rng(args.seed).standard_normal((args.samples, 3, 224, 224), dtype=np.float32)
@@ -206,7 +222,7 @@ def main() -> None:
         path = os.path.join(folder, f"{args.model}.onnx")
         onnx.save_model(net.model(), path)
         config = onnx_lobs.PruneConfig(sparsity=0.5, method=args.method, batch_size=args.batch_size,
-                                       damp=args.damp, seed=args.seed)
+                                       damp=args.damp, seed=args.seed, sequential=sequential)
         wall, cpu = time.perf_counter(), time.process_time()
         result = onnx_lobs.prune(path, {"input": x}, config)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -219,6 +235,8 @@ def main() -> None:
     rows = {name: args.samples * pos for name, _, _, pos, _ in net.convs}
     hess_flops = sum(g * rows[name] * c ** 2 for name, g, c, _, _ in net.convs if name in done)
     fwd_flops = sum(2 * pos * cout * c for _, _, c, pos, cout in net.convs)  # per sample
+    if sequential:
+        hess_flops, fwd_flops = 4 * hess_flops, 2 * fwd_flops
     n_fwd = rep.samples["calibration"] + rep.samples["held_out"]
     floor = {"forward": n_fwd * fwd_flops / (fp32 * 1e9), "hessian": hess_flops / (fp32 * 1e9)}
     env = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
@@ -252,6 +270,7 @@ def main() -> None:
             total[1] += a
         print(f"{'all':>8} {'':>6} {'':>5} {'':>8} {total[0]:9.3f} {total[1]:7.3f} "
               f"{sum(total) / floor['hessian']:8.2f}")
+    return rep.timings["total"]
 
 
 if __name__ == "__main__":

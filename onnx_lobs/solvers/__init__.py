@@ -29,6 +29,9 @@ class Target:
     nm: np.ndarray | None = None  # int [n_groups, m]: the columns of each N:M group
     nm_keep: int = 0  # n in "n:m": non-zeros allowed per row in each group
     block: int = 128  # sparsegpt: columns per lazily-updated block
+    # Factorisations of this H already made, keyed by kind and damp: shared by the solves of one
+    # Hessian (the damp grid), never by solves of different ones.
+    memo: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

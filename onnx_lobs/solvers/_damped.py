@@ -1,10 +1,8 @@
-"""The damped Hessian itself, and the factor of its inverse that SparseGPT sweeps with.
+"""The factor of the damped Hessian's inverse that SparseGPT sweeps with, and the memo of
+factorisations that solves of one Hessian share.
 
-hessian.damped_inverse inverts Hd = H' + damp * mean(diag H) * I, where H' is H with every dead
-input (diag H == 0) decoupled and given a unit diagonal. Some solvers need Hd itself or a
-triangular factor of Hd^-1 rather than Hd^-1, so the same matrix is rebuilt here; the tests
-check that it is the inverse of damped_inverse's result, so the two cannot drift apart.
-"""
+The damped matrix is hessian.damped_hessian's (one definition for every solver): H with dead
+inputs decoupled, plus damp * mean(diag H) on the diagonal."""
 
 from __future__ import annotations
 
@@ -13,18 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import LinAlgError, lapack
 
-
-def damped_hessian(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(Hd, dead): the matrix hessian.damped_inverse(h, damp) inverts, and the dead inputs."""
-    h = np.array(h, dtype=np.float64)
-    diag = np.diagonal(h).copy()
-    dead = diag <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1.0
-    scale = float(np.mean(np.maximum(diag, 0.0))) or 1.0
-    h[np.diag_indices_from(h)] += damp * scale
-    return h, dead
+from ..hessian import damped_hessian  # noqa: F401  (re-exported: the solvers' one definition)
 
 
 @dataclass
@@ -63,3 +50,14 @@ def inverse_upper_factor(h: np.ndarray, damp: float, max_tries: int = 8) -> Inve
                     return InverseFactor(u, d, dead)
         d = d * 10 if d > 0 else 1e-8
     raise LinAlgError("Hessian could not be regularised")
+
+
+def memoised(memo: dict | None, key: tuple, compute):
+    """compute(), or the value it gave before for this key. The damp grid solves one Hessian
+    several times (on a subset of rows, then on all of them), and a factorisation costs as much
+    as a whole sweep."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]

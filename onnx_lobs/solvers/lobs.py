@@ -24,6 +24,7 @@ import numpy as np
 
 from ..hessian import damped_inverse, layer_error
 from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
+from ._damped import memoised
 
 
 class _Sequences:
@@ -114,7 +115,7 @@ class _Sequences:
 
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
-    inv = damped_inverse(h, target.damp)
+    inv = memoised(target.memo, ("inverse", target.damp), lambda: damped_inverse(h, target.damp))
     rows, cols = w.shape
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)

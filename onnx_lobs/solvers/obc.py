@@ -48,7 +48,7 @@ from scipy.linalg import blas
 
 from ..hessian import damped_inverse, layer_error
 from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
-from ._damped import damped_hessian
+from ._damped import damped_hessian, memoised
 
 STACK_BYTES = 256 * 2 ** 20
 LAZY = 64
@@ -242,7 +242,7 @@ def _merge(loss, done, n_prune, max_loss):
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
     rows, cols = w.shape
-    inv = damped_inverse(h, target.damp)
+    inv = memoised(target.memo, ("inverse", target.damp), lambda: damped_inverse(h, target.damp))
     notes = [] if inv.damp == target.damp else [f"dampening raised to {inv.damp:g} to invert H"]
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)

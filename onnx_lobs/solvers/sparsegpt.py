@@ -47,7 +47,7 @@ import numpy as np
 
 from ..hessian import layer_error
 from . import Solution, Target, nm_groups, nm_removals, removable_columns
-from ._damped import inverse_upper_factor
+from ._damped import inverse_upper_factor, memoised
 
 INNER = 16  # columns updated one by one inside a block before a BLAS-3 catch-up
 
@@ -83,15 +83,14 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
                 c = i1 + j
                 if choose_group is not None:
                     choose_group(c, lambda cs: _current(cs, w, w1, e1, u, i1, i2, s0, s1, j))
-                m = mask[:, c]
-                if not m.any():
-                    continue
-                err = np.where(m, w1[:, j], 0.0)
+                # err = w_j / U_jj where removed, else 0 (removed entries are zeroed at the end:
+                # nothing reads a processed column again). Few, whole-column operations: this
+                # loop runs once per column, and its Python overhead is what it costs.
+                err = e1[:, j]
+                np.multiply(w1[:, j], mask[:, c], out=err)
                 err /= u1[j, j]
                 if j + 1 < s1:
-                    w1[:, j + 1:s1] -= np.multiply.outer(err, u1[j, j + 1:s1])
-                w1[m, j] = 0.0
-                e1[:, j] = err
+                    w1[:, j + 1:s1] -= err[:, None] * u1[j, j + 1:s1]
             if s1 < i2 - i1:
                 w1[:, s1:] -= e1[:, s0:s1] @ u1[s0:s1, s1:]
         w[:, i1:i2] = w1
@@ -191,7 +190,7 @@ def _run(w, fac, target, removable, groups, n_prune):
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
     rows, cols = w.shape
-    fac = inverse_upper_factor(h, target.damp)
+    fac = memoised(target.memo, ("upper", target.damp), lambda: inverse_upper_factor(h, target.damp))
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)
     notes = [] if fac.damp == target.damp else [f"dampening raised to {fac.damp:g} to factor H^-1"]

@@ -12,6 +12,7 @@ from .errors import LobsError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .graph import find_layers, load_model, save_model  # noqa: E402
 from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
+from .retrain import RetrainResult, retrain  # noqa: E402  (imports torch only when called)
 
 __all__ = ["LobsError", "PruneConfig", "PruneResult", "evaluate", "find_layers", "load_model",
-           "prune", "save_model", "__version__"]
+           "prune", "retrain", "RetrainResult", "save_model", "__version__"]

@@ -98,28 +98,30 @@ def collect(dense: Session, pruned: Session | None, collectors: list[Collector],
     samples = {"calibration": 0, "held_out": 0}
     held_feeds, held_dense = [], []
     origin = getattr(source, "origin", "calibration data")
-    bar = tqdm(desc=label, unit="sample", disable=not config.progress, file=sys.stderr, leave=False)
-    for feed, held in source.batches(config.batch_size, config.samples):
-        t = time.perf_counter()
-        outs, dense_values = dense.run(feed, origin, keep_held and held, collectors)
-        pruned_values = pruned.run(feed, origin, False, collectors)[1] if pruned is not None else None
-        timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        for c in collectors:
-            acc = c.hold if held else c.calib
-            xs = dense.inputs_of(dense_values, c)
-            xps = pruned.inputs_of(pruned_values, c) if pruned is not None else [None] * len(xs)
-            for u, xd, xp in zip(c.layer.uses, xs, xps):
-                _fold(acc, c.layer, u.node, xd, xp)
-        timings["hessian"] = timings.get("hessian", 0.0) + time.perf_counter() - t
-        first = next(iter(feed.values()))
-        n = first.shape[0] if first.ndim else 1
-        samples["held_out" if held else "calibration"] += n
-        if held and keep_held:
-            held_feeds.append(feed)
-            held_dense.append(outs)
-        bar.update(n)
-    bar.close()
+    bar = tqdm(desc=label, unit="sample", disable=None if config.progress else True, file=sys.stderr, leave=False)
+    try:
+        for feed, held in source.batches(config.batch_size, config.samples):
+            t = time.perf_counter()
+            outs, dense_values = dense.run(feed, origin, keep_held and held, collectors)
+            pruned_values = pruned.run(feed, origin, False, collectors)[1] if pruned is not None else None
+            timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            for c in collectors:
+                acc = c.hold if held else c.calib
+                xs = dense.inputs_of(dense_values, c)
+                xps = pruned.inputs_of(pruned_values, c) if pruned is not None else [None] * len(xs)
+                for u, xd, xp in zip(c.layer.uses, xs, xps):
+                    _fold(acc, c.layer, u.node, xd, xp)
+            timings["hessian"] = timings.get("hessian", 0.0) + time.perf_counter() - t
+            first = next(iter(feed.values()))
+            n = source.count(feed) if hasattr(source, "count") else (first.shape[0] if first.ndim else 1)
+            samples["held_out" if held else "calibration"] += n
+            if held and keep_held:
+                held_feeds.append(feed)
+                held_dense.append(outs)
+            bar.update(n)
+    finally:
+        bar.close()
     return PassResult(samples, held_feeds, held_dense)
 
 

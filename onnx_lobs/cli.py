@@ -49,7 +49,7 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- inspect
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model, as_json):
     """List prunable layers, and the weighted ops that will not be pruned, with the reason."""
@@ -154,7 +154,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Pruned model to write.")
 @click.option("--calib", help="Calibration data: .npz, folder of .npz, module:callable, or 'random'.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True,
@@ -218,7 +218,7 @@ def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exc
 # ----------------------------------------------------------------------------- eval
 
 @cli.command("eval")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--data", required=True, help="Inputs (and labels): .npz, folder of .npz or module:callable.")
 @click.option("--reference", type=click.Path(dir_okay=False), help="Original model to compare against.")
 @click.option("--labels", help="Key of the labels in the data (default: 'labels' when present).")
@@ -242,3 +242,66 @@ def eval_cmd(model, data, reference, labels, batch_size, as_json):
         click.echo(f"cosine similarity vs reference: {result['cosine']:.6f}")
     if result["accuracy"] is None and not reference:
         click.echo("(no labels and no --reference: nothing to compare)")
+
+
+# ----------------------------------------------------------------------------- retrain
+
+@cli.command("retrain")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Retrained model to write.")
+@click.option("--data", required=True, help="Training inputs, and labels unless --teacher: one .npz file.")
+@click.option("--labels", help="Key of the labels in the data (default: 'labels'); loss = cross-entropy.")
+@click.option("--teacher", type=click.Path(dir_okay=False),
+              help="The original model: distil from its outputs instead of using labels.")
+@click.option("--iterations", type=int, help="Training steps (default: one epoch of the data).")
+@click.option("--epochs", type=float, help="Passes over the data, instead of --iterations.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, help="Adam learning rate, decayed to 0 by a cosine (default 0.002).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def retrain_cmd(model, output, data, labels, teacher, iterations, epochs, batch_size, lr, report_path, seed,
+                quiet):
+    """Retrain a pruned MODEL with its zeros held, check it, and write it to OUTPUT."""
+    from .graph import save_model
+    from .retrain import require_torch, retrain
+
+    require_torch()  # before anything else: without the extra, say how to install it
+    _check_output(output, model)
+    if report_path:
+        _check_output(report_path, model)
+    if labels and teacher:
+        raise LobsError("--labels and --teacher exclude each other: labels train with cross-entropy, "
+                        "a teacher by distillation")
+    kwargs = {} if lr is None else {"lr": lr}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notes are not the user's business
+        result = retrain(model, data, labels=None if teacher else (labels or "labels"), teacher=teacher,
+                         iterations=iterations, epochs=epochs, batch_size=batch_size, seed=seed,
+                         progress=not quiet, **kwargs)
+    save_model(result.model, output)
+    if report_path:
+        write_text_atomic(report_path, result.report.to_json() + "\n")
+    click.echo(_retrain_summary(result.report))
+    click.echo(f"wrote {output}")
+
+
+def _retrain_summary(r) -> str:
+    def held(m):
+        parts = [f"loss {m['loss']:.4g}"] if m else []
+        for key, label in (("accuracy", "accuracy"), ("top1_agreement", "top-1 agreement with teacher")):
+            if m.get(key) is not None:
+                parts.append(f"{label} {100 * m[key]:.2f}%")
+        return ", ".join(parts)
+
+    c = r.checks
+    lines = [f"retrained {r.iterations} iterations ({r.epochs:.2f} epochs of {r.samples['train']} samples, "
+             f"batch {r.batch_size}), {r.loss}, lr {r.lr:g}, {r.timings['total']:.1f} s"]
+    if r.loss_curve:
+        lines.append(f"training loss {r.loss_curve[0][1]:.4g} (first {r.loss_curve[0][0]} iterations) -> "
+                     f"{r.loss_curve[-1][1]:.4g} (last)")
+    if r.before:
+        lines.append(f"held out ({r.samples['held_out']} samples): {held(r.before)} -> {held(r.after)}")
+    lines.append(f"zeros held exactly: {c['zeros_kept']} in {c['layers']} layers; inputs, outputs and opset "
+                 f"{c['opset'][1]} as the pruned model; onnxruntime matches torch ({c['onnxruntime_vs_torch']:.1e})")
+    return "\n".join(lines)

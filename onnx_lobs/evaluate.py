@@ -21,10 +21,11 @@ class Fidelity:
     def add(self, ref: list[np.ndarray], out: list[np.ndarray]) -> None:
         for r, o in zip(ref, out):
             r64, o64 = r.astype(np.float64), o.astype(np.float64)
-            self.diff += float(np.sum((r64 - o64) ** 2))
-            self.ref += float(np.sum(r64 ** 2))
-            self.out += float(np.sum(o64 ** 2))
-            self.dot += float(np.sum(r64 * o64))
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs: a null in the report
+                self.diff += float(np.sum((r64 - o64) ** 2))
+                self.ref += float(np.sum(r64 ** 2))
+                self.out += float(np.sum(o64 ** 2))
+                self.dot += float(np.sum(r64 * o64))
         r, o = ref[0], out[0]
         self.samples += r.shape[0] if r.ndim else 1
         if r.ndim == 2 and r.shape[1] > 1:
@@ -53,16 +54,16 @@ def evaluate(model, data, reference=None, labels: str | None = None, batch_size:
     arrays_labels = getattr(source, "extra", {}).get(label_key)
     if labels and arrays_labels is None:
         raise LobsError(f"{getattr(source, 'origin', data)}: has no labels under key '{labels}'")
-    sess = make_session(loaded.model)
+    sess = make_session(loaded.model, loaded.path)
     names = [o.name for o in sess.get_outputs()]
-    ref_sess = make_session(ref_loaded.model) if ref_loaded else None
+    ref_sess = make_session(ref_loaded.model, ref_loaded.path) if ref_loaded else None
     fid = Fidelity()
     correct = seen = 0
     for feed in _feeds(source, batch_size):
         outs = run(sess, names, feed, loaded.path)
         if ref_sess is not None:
             fid.add(run(ref_sess, [o.name for o in ref_sess.get_outputs()], feed, ref_loaded.path), outs)
-        n = outs[0].shape[0]
+        n = source.count(feed) if hasattr(source, "count") else outs[0].shape[0]
         if arrays_labels is not None:
             y = arrays_labels[seen:seen + n]
             correct += int(np.sum(outs[0].reshape(n, -1).argmax(1) == y))

@@ -9,16 +9,16 @@ use cannot be pruned consistently the layer is reported as skipped with the reas
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import load_external_data_for_model, set_external_data, uses_external_data
 
+from .atomic import publish
 from .errors import LobsError
 from .layers import ADAPTERS, WEIGHTED_OPS, Geometry
 
@@ -26,6 +26,7 @@ FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
 PROTOBUF_LIMIT = 2_000_000_000
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
+PASS_THROUGH = ("Identity", "Cast", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")  # keep "quantized"
 
 
 # ----------------------------------------------------------------------------- loading, saving
@@ -39,25 +40,61 @@ class LoadedModel:
 
 def load_model(path: str) -> LoadedModel:
     """Load a model with its external data; every failure is one line naming the file."""
+    if os.path.isdir(path):
+        raise LobsError(f"{path}: is a folder, not a model file")
     if not os.path.isfile(path):
         raise LobsError(f"{path}: no such file")
     try:
         model = onnx.load(path, load_external_data=False)
+    except OSError as e:
+        raise LobsError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     except Exception as e:  # protobuf raises several unrelated types for garbage input
         raise LobsError(f"{path}: not an ONNX model ({type(e).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise LobsError(f"{path}: not an ONNX model (no graph)")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise LobsError(f"{path}: opset {op.version} is newer than the newest this onnx knows ({newest})")
     external = {t.name for t in _all_tensors(model) if uses_external_data(t)}
     try:
         load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as e:
-        raise LobsError(f"{path}: cannot read its external data ({e})") from None
+        raise LobsError(f"{path}: cannot read its external data ({one_line(e)})") from None
     try:
         onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else path)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LobsError(f"{path}: invalid ONNX model: {first}") from None
+        raise LobsError(f"{path}: invalid ONNX model: {one_line(e)}") from None
+    for t in _all_tensors(model):
+        if t.name not in external:  # (external data was checked against its declared length on loading)
+            _check_tensor(t, path)
     return LoadedModel(model, path, external)
+
+
+# Element types stored several to a byte: their raw size is not count * itemsize.
+PACKED_TYPES = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                if hasattr(TensorProto, n)}
+
+
+def _check_tensor(t: TensorProto, path: str) -> None:
+    """The checker accepts a constant whose bytes do not fit its shape and type; say so by name."""
+    if t.data_type == TensorProto.STRING or t.data_type in PACKED_TYPES:
+        return
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        raise LobsError(f"{path}: tensor '{t.name}' has an unknown element type ({t.data_type})") from None
+    if t.HasField("raw_data"):
+        have, need = len(t.raw_data), math.prod(t.dims) * itemsize
+        if have != need:
+            kind = TensorProto.DataType.Name(t.data_type).lower()
+            raise LobsError(f"{path}: tensor '{t.name}' holds {have} bytes, but {list(t.dims)} of {kind} takes {need}")
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (checker messages print whole nodes), cut to a length."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _all_tensors(model: ModelProto):
@@ -81,36 +118,41 @@ def iter_graphs(graph: GraphProto):
 
 
 def save_model(model: ModelProto, path: str, external: bool | None = None) -> None:
-    """Write atomically: into a temporary folder beside the target, then rename into place.
-
-    With external=True (the default for models over the 2 GB protobuf limit) the weights go
-    to PATH.data beside it.
+    """Write atomically: each file is written out of sight in the target's folder, then renamed
+    into place -- the external data (with external=True, the default for models over the 2 GB
+    protobuf limit: PATH.data beside it) first, then the model -- with SIGINT, SIGTERM and
+    SIGHUP held back from the first rename to the last. Where the system offers anonymous files
+    (Linux O_TMPFILE), a write cut short leaves nothing behind even under SIGKILL: the file gets
+    a hidden name only just before its rename. Elsewhere it is a hidden temporary file, removed
+    on any error or Ctrl-C.
     """
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise LobsError(f"{path}: output folder does not exist")
-    try:
-        tmp = tempfile.mkdtemp(prefix=".onnx-lobs-", dir=folder)
-    except OSError as e:
-        raise LobsError(f"{path}: cannot write there ({e.strerror})") from None
     name = os.path.basename(path)
-    try:
-        big = model.ByteSize() >= PROTOBUF_LIMIT if external is None else external
-        if big:  # onnx rewrites the tensors it externalises: keep the caller's model intact
-            copy = ModelProto()
-            copy.CopyFrom(model)
-            model = copy
-        data_name = name + ".data"
-        onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=big,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        if big:
-            os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
-        os.replace(os.path.join(tmp, name), path)
-    except OSError as e:
-        raise LobsError(f"{path}: cannot write there ({e.strerror})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    big = model.ByteSize() >= PROTOBUF_LIMIT if external is None else external
+    if not big:
+        publish(path, [(name, lambda f: f.write(model.SerializeToString()))])
+        return
+    copy = ModelProto()  # the weights move to the data file: the caller's model stays intact
+    copy.CopyFrom(model)
+    publish(path, [(name + ".data", lambda f: _externalize(copy, name + ".data", f)),
+                    (name, lambda f: f.write(copy.SerializeToString()))])
+
+
+EXTERNAL_THRESHOLD = 1024  # initializers of at least this many bytes go to the data file (as onnx does)
+
+
+def _externalize(model: ModelProto, location: str, out) -> None:
+    """Move every initializer's raw bytes of at least EXTERNAL_THRESHOLD, in every graph, into
+    the open file `out`, leaving location, offset and length in the tensor."""
+    offset = 0
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            data = t.raw_data if t.HasField("raw_data") else b""  # (one copy of the bytes, not two)
+            if len(data) >= EXTERNAL_THRESHOLD:
+                size = out.write(data)
+                del data
+                set_external_data(t, location, offset, size)
+                t.ClearField("raw_data")
+                offset += size
 
 
 def model_inputs(model: ModelProto) -> list[onnx.ValueInfoProto]:
@@ -181,8 +223,8 @@ def _scan_constants(model: ModelProto, keep: list):
                     consts[k] = ref
                     refs[id(ref.tensor)] = ref
                     consumers.setdefault(id(ref.tensor), []).append(Consumer(node, k, scope))
-                elif ref == "sparse":
-                    consts[k] = "sparse"
+                elif ref in ("sparse", "quantized"):
+                    consts[k] = ref
             node_consts[id(node)] = consts
             for a in node.attribute:
                 subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
@@ -203,6 +245,8 @@ def _scan_constants(model: ModelProto, keep: list):
                 c = consts[0]
                 table[node.output[0]] = ConstRef(c.tensor, c.graph, c.node, c.where + " (through Cast)",
                                                  _cast_target(node))
+            elif node.op_type == "DequantizeLinear" or (node.op_type in PASS_THROUGH and consts.get(0) == "quantized"):
+                table[node.output[0]] = "quantized"  # a quantized weight, dequantized at run time
             else:
                 for o in node.output:
                     table[o] = None
@@ -308,8 +352,9 @@ def find_layers(loaded: LoadedModel) -> tuple[list[Layer], list[Skipped]]:
             skipped.append(Skipped(label, node.op_type, wname, reason))
             return
         ref = consts.get(adapter.weight_input)
-        if ref == "sparse":
-            skipped.append(Skipped(label, node.op_type, wname, "weight is a sparse initializer"))
+        if ref in ("sparse", "quantized"):
+            why = "weight is a sparse initializer" if ref == "sparse" else "quantized weight (DequantizeLinear)"
+            skipped.append(Skipped(label, node.op_type, wname, why))
             return
         if ref is None:
             why = ("constant is the first operand (x @ W form only)" if isinstance(consts.get(0), ConstRef)
@@ -338,7 +383,11 @@ def find_layers(loaded: LoadedModel) -> tuple[list[Layer], list[Skipped]]:
         adapter = ADAPTERS[first.op_type]
         wname = first.input[adapter.weight_input]
         shape = tuple(ref.tensor.dims)
-        reason = _sharing_problem(ref, uses, consumers[tid], tid in escaped, labels)
+        reason = _sharing_problem(ref, uses, consumers[tid], tid in escaped, labels) or _not_finite(ref, wname)
+        geom = adapter.geometry(first, shape)
+        bias = _common_bias(adapter, uses, node_consts, consumers, geom)
+        if not reason and bias is not None:
+            reason = _not_finite(bias, first.input[adapter.bias_input])
         if reason:
             for lab, node, _ in uses:
                 skipped.append(Skipped(lab, node.op_type, wname, reason))
@@ -347,13 +396,22 @@ def find_layers(loaded: LoadedModel) -> tuple[list[Layer], list[Skipped]]:
         while name in used_names:
             name += "'"
         used_names.add(name)
-        geom = adapter.geometry(first, shape)
-        bias = _common_bias(adapter, uses, node_consts, consumers, geom)
         layers.append(Layer(name, first.op_type, ref, shape, geom,
                             [Use(n, n.input[0], _defining_scope(model, n.input[0], s)) for _, n, s in uses],
                             bias,
                             external=ref.tensor.name in loaded.external))
     return layers, skipped
+
+
+def _not_finite(ref: ConstRef, name: str) -> str | None:
+    """A constant with NaN or Inf cannot be solved for (every compensation would carry it)."""
+    try:
+        values = numpy_helper.to_array(ref.tensor)
+    except Exception as e:  # a constant the loader did not vet (a model given as a ModelProto)
+        return f"{name} cannot be read ({one_line(e, 120)})"
+    if values.size and not np.isfinite(values).all():
+        return f"{name} contains NaN or Inf"
+    return None
 
 
 def _defining_scope(model: ModelProto, name: str, scope: tuple) -> tuple:

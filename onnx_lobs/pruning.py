@@ -342,7 +342,7 @@ def _bound(model, layers, work, fidelity):
         frob = math.sqrt(float(np.sum(m ** 2))) * factor
         w = by_layer.get(id(layer))
         if w is not None and w.record.dense_input_holdout_error is not None and w.record.skipped is None:
-            rms = math.sqrt(2 * w.record.dense_input_holdout_error * w.rows_per_sample)
+            rms = math.sqrt(max(0.0, 2 * w.record.dense_input_holdout_error * w.rows_per_sample))
         else:
             rms = 0.0
         steps_spec.append((gain, spec, rms))

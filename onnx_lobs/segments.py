@@ -185,7 +185,7 @@ class SegmentedPass:
                     self.store.put(SHARED, name, b, value)
             v = next(iter(feed.values()))
             held.append(is_held)
-            sizes.append(v.shape[0] if v.ndim else 1)
+            sizes.append(source.count(feed) if hasattr(source, "count") else (v.shape[0] if v.ndim else 1))
             if is_held:
                 held_feeds.append(feed)
         self.feeds = Feeds(held, sizes, held_feeds)
@@ -204,28 +204,30 @@ class SegmentedPass:
             m = _segment_model(model, seg, self.store.types)
             sessions[side] = make_session(m) if m is not None else None
         self.timings["prepare"] = self.timings.get("prepare", 0.0) + time.perf_counter() - t
-        bar = tqdm(desc=label, unit="sample", total=sum(self.feeds.sizes), disable=not self.config.progress,
+        bar = tqdm(desc=label, unit="sample", total=sum(self.feeds.sizes), disable=None if self.config.progress else True,
                    file=sys.stderr, leave=False)
-        for b, (n, held) in enumerate(zip(self.feeds.sizes, self.feeds.held)):
-            t = time.perf_counter()
-            values = {}
-            for side, sess in sessions.items():
-                got = {name: self.store.get(side, name, b) for name in seg.reads}
-                if sess is not None:
-                    feed = {name: got[name] for name in seg.reads if name in self.store.types}
-                    got.update(zip(seg.keeps, run(sess, seg.keeps, feed, self.origin)))
-                for name in seg.keeps:
-                    self.store.put(side, name, b, got[name])
-                values[side] = got
-            self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t
-            t = time.perf_counter()
-            for c in collectors:
-                acc = c.hold if held else c.calib
-                for u in c.layer.uses:
-                    _fold(acc, c.layer, u.node, values["d"][u.x], values["p"][u.x])
-            self.timings["hessian"] = self.timings.get("hessian", 0.0) + time.perf_counter() - t
-            bar.update(n)
-        bar.close()
+        try:
+            for b, (n, held) in enumerate(zip(self.feeds.sizes, self.feeds.held)):
+                t = time.perf_counter()
+                values = {}
+                for side, sess in sessions.items():
+                    got = {name: self.store.get(side, name, b) for name in seg.reads}
+                    if sess is not None:
+                        feed = {name: got[name] for name in seg.reads if name in self.store.types}
+                        got.update(zip(seg.keeps, run(sess, seg.keeps, feed, self.origin)))
+                    for name in seg.keeps:
+                        self.store.put(side, name, b, got[name])
+                    values[side] = got
+                self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                for c in collectors:
+                    acc = c.hold if held else c.calib
+                    for u in c.layer.uses:
+                        _fold(acc, c.layer, u.node, values["d"][u.x], values["p"][u.x])
+                self.timings["hessian"] = self.timings.get("hessian", 0.0) + time.perf_counter() - t
+                bar.update(n)
+        finally:
+            bar.close()
         for name in seg.frees:
             self.store.drop(name, len(self.feeds.sizes))
 

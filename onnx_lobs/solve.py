@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from scipy.linalg import LinAlgError
 
 from .activations import Collector, blocks
+from .errors import LobsError
 from .graph import write_tensor
 from .hessian import damped_solve, layer_error
 from .report import LayerRecord
@@ -54,7 +56,11 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     old = adapter.to_matrices(node, weight.astype(np.float64))
     g, rows, cols = old.shape
     old_b = None if bias is None else adapter.bias_vector(node, bias, rows * g)
-    hp, cross, hd = blocks(c.calib.hessian(), cols, c.joint, old_b is not None)
+    h = c.calib.hessian()
+    if not np.isfinite(h).all():
+        raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
+                        f"(the products overflow); check the model's weights and the data's scale")
+    hp, cross, hd = blocks(h, cols, c.joint, old_b is not None)
     solver = get_solver(config.method)
     protect = np.r_[np.zeros(cols, bool), [True]] if old_b is not None else None
 
@@ -64,14 +70,26 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     new, pruned = np.empty_like(old), np.zeros(old.shape, bool)
     new_b = None if old_b is None else np.empty_like(old_b)
     predicted, damps, start_err, w0_err = 0.0, [], 0.0, 0.0
+    # The layer's count, spread over its groups (the first ones take the remainder), so that
+    # many small groups (depthwise convs) still reach the layer's target.
+    total = int(round(target * g * rows * cols))
+    counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
         wk = aug(old, old_b, k)
         start = wk
         if c.joint:  # error-correcting start: the best weights for the pruned inputs
             start = damped_solve(hp[k], W0_DAMP, (wk @ cross[k]).T).T  # H_p is symmetric
+            # Inputs dead on the calibration data leave the objective indifferent to their
+            # weights: keep the dense ones rather than the solve's zeros.
+            dead = np.diagonal(hp[k]) <= 0
+            start[:, dead] = wk[:, dead]
             start_err += target_error(wk, wk, hp[k], cross[k], hd[k])
             w0_err += target_error(start, wk, hp[k], cross[k], hd[k])
-        sol = best_damped(solver, start, hp[k], config, target, protect, nm)
+        try:
+            sol = best_damped(solver, start, hp[k], config, target, protect, nm, counts[k])
+        except LinAlgError:
+            raise LobsError(f"layer {layer.name}: its Hessian could not be regularised (inputs too large "
+                            f"or not finite on the calibration data)") from None
         if not np.all(np.isfinite(sol.weights)):
             raise AssertionError(f"{layer.name}: solver produced non-finite weights")
         new[k], pruned[k] = sol.weights[:, :cols], sol.pruned[:, :cols]
@@ -101,6 +119,8 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
             e = _error(b, a, held, k)
             hold_err += e
             dense_hold_err += layer_error(a, b, held[2][k]) if c.joint else e
+    # Zero up to rounding can come out a hair below zero.
+    err, hold_err, dense_hold_err = max(err, 0.0), max(hold_err, 0.0), max(dense_hold_err, 0.0)
     record.sparsity = float(np.mean(stored == 0))
     record.error, record.predicted_error = err, predicted
     record.rel_error = err / energy if energy > 0 else 0.0
@@ -113,7 +133,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     return mask
 
 
-def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
+def best_damped(solver, wk, hk, config, sparsity, protect, nm=None, count=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
@@ -131,7 +151,11 @@ def best_damped(solver, wk, hk, config, sparsity, protect, nm=None):
             return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ hk) * w)), protect=protect,
                           damp=damp, memo=memo)
         cols = w.shape[1] - (protect is not None)
-        return Target(n_prune=int(round(sparsity * w.shape[0] * cols)), protect=protect, damp=damp, memo=memo)
+        if count is None:
+            n = int(round(sparsity * w.shape[0] * cols))
+        else:  # on the grid's row subset, the same share of its rows
+            n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
+        return Target(n_prune=n, protect=protect, damp=damp, memo=memo)
 
     if config.damp is not None or config.method in FIXED_DAMP:
         damp = config.damp if config.damp is not None else FIXED_DAMP[config.method]

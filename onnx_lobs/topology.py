@@ -22,6 +22,15 @@ class Exposed:
 
     output: str  # output (or graph input) name to read
     stacked: int  # leading axes added by Loop/Scan iterations, to be merged into the sample axis
+    shape: str | None = None  # when set, `output` is flattened and this output holds its shape
+
+    def value(self, values: dict) -> np.ndarray:
+        """The tensor as the layer sees it (stacked axes first), from a run's named outputs."""
+        x = values[self.output]
+        if self.shape is None or x.size == 0:  # empty: the branch was not taken
+            return x
+        shape = values[self.shape]
+        return x.reshape(x.shape[:-1] + tuple(shape.reshape(-1, shape.shape[-1])[0]))
 
 
 def expose(model: ModelProto, tensors: list[tuple[str, tuple, np.dtype]]) -> tuple[ModelProto, dict]:
@@ -30,6 +39,11 @@ def expose(model: ModelProto, tensors: list[tuple[str, tuple, np.dtype]]) -> tup
     A tensor inside an If branch becomes an extra output of both branches (the other branch
     yields an empty tensor); inside a Loop or Scan body it becomes a scan output, one slice per
     iteration. Outputs are added untyped, so no shape inference is needed.
+
+    Before opset 11, If merges the shapes its branches yield strictly, so the empty stand-in
+    must match the tensor's rank, which is not known without shape inference. There the tensor
+    leaves its branch flattened, beside its shape, and both stand-ins are rank-1 tensors of a
+    length computed at run time (so inference cannot find a mismatching dimension either).
     """
     aug = ModelProto()
     aug.CopyFrom(model)
@@ -38,6 +52,7 @@ def expose(model: ModelProto, tensors: list[tuple[str, tuple, np.dtype]]) -> tup
     taken = {n for g in iter_graphs(aug.graph) for node in g.node for n in node.output} | outputs
     result = {}
     node_map = _node_map(model, aug)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def fresh(base):
         k, name = 0, f"{base}__lobs"
@@ -59,14 +74,21 @@ def expose(model: ModelProto, tensors: list[tuple[str, tuple, np.dtype]]) -> tup
             outputs.add(name)
             result[key] = Exposed(name, 0)
             continue
-        current, stacked = name, 0
+        current, shape, stacked = name, None, 0
+        legacy = opset < 11
         for depth in range(len(scope) - 1, -1, -1):
             parent, attr = scope[depth]
             parent = node_map[id(parent)][1]
-            current, added = _lift(parent, attr, current, fresh, dtype)
+            if legacy and parent.op_type == "If" and shape is None:
+                current, shape = _flatten(_body(parent, attr), current, fresh)
+            current, added = _lift(parent, attr, current, fresh, dtype, legacy)
+            if shape is not None:
+                shape, _ = _lift(parent, attr, shape, fresh, np.int64, legacy)
             stacked += added
-        aug.graph.output.append(onnx.ValueInfoProto(name=current))
-        result[key] = Exposed(current, stacked)
+        for out in (current, shape):
+            if out is not None:
+                aug.graph.output.append(onnx.ValueInfoProto(name=out))
+        result[key] = Exposed(current, stacked, shape)
     return aug, result
 
 
@@ -79,7 +101,40 @@ def _node_map(model: ModelProto, aug: ModelProto) -> dict[int, NodeProto]:
     return mapping
 
 
-def _lift(parent: NodeProto, attr: str, name: str, fresh, dtype) -> tuple[str, int]:
+def _constant(name: str, array: np.ndarray) -> NodeProto:
+    return onnx.helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name + "_value"))
+
+
+def _flatten(body: onnx.GraphProto, name: str, fresh) -> tuple[str, str]:
+    """A rank-1 view of a body tensor and its shape, both new outputs' names in the body."""
+    flat, shape, minus_one = fresh(name + "_flat"), fresh(name + "_shape"), fresh(name + "_minus_one")
+    body.node.extend([_constant(minus_one, np.array([-1], np.int64)),
+                      onnx.helper.make_node("Reshape", [name, minus_one], [flat]),
+                      onnx.helper.make_node("Shape", [name], [shape])])
+    return flat, shape
+
+
+def _empty_nodes(name: str, dtype, fresh, legacy: bool, cond: str) -> list[NodeProto]:
+    """Nodes yielding an empty tensor `name`: a constant, or (legacy) one whose length inference cannot see.
+
+    The length, 0, is computed from the If's condition (0 * cond), a run-time value: onnxruntime
+    propagates constants and shapes into shape inference, but not that.
+    """
+    value = np.zeros((0,), dtype=dtype)
+    if not legacy:
+        return [_constant(name, value)]
+    source, zero, flag, product, length = (fresh(name + s) for s in ("_source", "_zero", "_flag", "_product",
+                                                                     "_length"))
+    one = fresh(name + "_one")
+    return [_constant(source, value), _constant(zero, np.array([0], np.int64)),
+            _constant(one, np.array([1], np.int64)),
+            onnx.helper.make_node("Cast", [cond], [flag], to=onnx.TensorProto.INT64),
+            onnx.helper.make_node("Mul", [zero, flag], [product]),
+            onnx.helper.make_node("Reshape", [product, one], [length]),
+            onnx.helper.make_node("Reshape", [source, length], [name])]
+
+
+def _lift(parent: NodeProto, attr: str, name: str, fresh, dtype, legacy: bool = False) -> tuple[str, int]:
     """Make tensor `name` of parent's subgraph `attr` an output of the parent node.
 
     The body outputs an Identity of the tensor rather than the tensor itself: onnxruntime
@@ -96,9 +151,7 @@ def _lift(parent: NodeProto, attr: str, name: str, fresh, dtype) -> tuple[str, i
     if parent.op_type == "If":
         other = _body(parent, "else_branch" if attr == "then_branch" else "then_branch")
         empty = fresh(name + "_empty")
-        other.node.append(onnx.helper.make_node(
-            "Constant", [], [empty],
-            value=numpy_helper.from_array(np.zeros((0,), dtype=dtype), empty + "_value")))
+        other.node.extend(_empty_nodes(empty, dtype, fresh, legacy, parent.input[0]))
         other.output.append(onnx.ValueInfoProto(name=empty))
         return out, 0
     if parent.op_type == "Scan":

@@ -76,3 +76,51 @@ def small_cnn(rng) -> onnx.ModelProto:
 def save_npz(path, **arrays) -> str:
     np.savez(path, **arrays)
     return str(path)
+
+
+def small_unet(rng, channels=8) -> onnx.ModelProto:
+    """Conv (stride 2) -> Relu -> ConvTranspose (stride 2, bias) -> Concat with the input's skip
+    path -> grouped ConvTranspose (stride 1, pads) -> Relu -> Conv 1x1: a UNet-style decoder."""
+    c = channels
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [tensor("We", w(c, 3, 3, 3)), tensor("be", rng.standard_normal(c).astype(np.float32) * 0.1),
+             tensor("Wu", w(c, c, 2, 2)), tensor("bu", rng.standard_normal(c).astype(np.float32) * 0.1),
+             tensor("Wr", w(2 * c, c // 2, 3, 3)),
+             tensor("Ws", w(c, 3, 1, 1)),
+             tensor("Wo", w(2, c, 1, 1)), tensor("bo", np.zeros(2, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "We", "be"], ["e"], name="enc", strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["e"], ["er"]),
+             helper.make_node("ConvTranspose", ["er", "Wu", "bu"], ["u"], name="up", strides=[2, 2]),
+             helper.make_node("Conv", ["x", "Ws"], ["skip"], name="skip"),
+             helper.make_node("Concat", ["u", "skip"], ["cat"], axis=1),
+             helper.make_node("ConvTranspose", ["cat", "Wr"], ["r"], name="refine", group=2, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["r"], ["rr"]),
+             helper.make_node("Conv", ["rr", "Wo", "bo"], ["y"], name="head")]
+    return make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [vi("y", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+
+
+def streaming_model(rng, x_batch="N") -> onnx.ModelProto:
+    """A streaming/recurrent-style model whose inputs are not all batched on axis 0: audio
+    x [N, 16], a state [2, 1, 8] (axis 0 is the layer count, not a batch) and an int64 scalar
+    sample rate. y = (x @ W1 + sum_0(state @ Ws)) * (sr / 16000) @ W2, new state out."""
+    inits = [tensor("W1", rng.standard_normal((16, 8)).astype(np.float32)),
+             tensor("Ws", rng.standard_normal((8, 8)).astype(np.float32)),
+             tensor("W2", rng.standard_normal((8, 4)).astype(np.float32)),
+             tensor("axis0", np.array([0], np.int64)), tensor("ref_rate", np.array(16000.0, np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="in_proj"),
+             helper.make_node("MatMul", ["state", "Ws"], ["s"], name="state_proj"),
+             helper.make_node("ReduceSum", ["s", "axis0"], ["s_sum"], keepdims=0),
+             helper.make_node("Add", ["h", "s_sum"], ["hs"]),
+             helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["sr_f", "ref_rate"], ["scale"]),
+             helper.make_node("Mul", ["hs", "scale"], ["hm"]),
+             helper.make_node("Relu", ["hm"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="out_proj"),
+             helper.make_node("Tanh", ["s"], ["state_out"])]
+    return make_model(nodes, [vi("state", TensorProto.FLOAT, [2, 1, 8]), vi("x", TensorProto.FLOAT, [x_batch, 16]),
+                              vi("sr", TensorProto.INT64, [])],
+                      [vi("y", TensorProto.FLOAT, [x_batch, 4]), vi("state_out", TensorProto.FLOAT, [2, 1, 8])], inits)

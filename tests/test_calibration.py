@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lobs import LobsError
-from onnx_lobs.calibration import ArraySource, open_source
-from tests.builders import mlp, single_layer, small_cnn
+from onnx_lobs import LobsError, PruneConfig, prune
+from onnx_lobs.calibration import BATCHED, PER_SAMPLE, ArraySource, open_source
+from tests.builders import mlp, single_layer, small_cnn, streaming_model
 
 
 @pytest.fixture
@@ -105,3 +105,178 @@ def test_fixed_batch_inputs_are_fed_in_that_batch():
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     src = open_source({"x": np.ones((22, 12), np.float32)}, model)
     assert {len(f["x"]) for f, _ in src.batches(64)} == {4}
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts by rank: batch on axis 0, or one feed per sample
+
+
+def stream_data(n=30, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    data = {"state": rng.standard_normal((n, 2, 1, 8)).astype(np.float32),  # one feed per sample
+            "x": rng.standard_normal((n, 16)).astype(np.float32),  # batch on axis 0
+            "sr": rng.choice([8000, 16000], n).astype(np.int64)}  # a scalar per sample
+    data.update(override)
+    return data
+
+
+def test_layout_is_decided_per_input_by_rank():
+    model = streaming_model(np.random.default_rng(0))
+    data = stream_data()
+    src = open_source(data, model)
+    assert src.layout == {"state": PER_SAMPLE, "x": BATCHED, "sr": PER_SAMPLE}
+    feeds = list(src.batches(8))
+    assert len(feeds) == 30 and [held for _, held in feeds] == [False] * 27 + [True] * 3
+    for i, (feed, _) in enumerate(feeds):
+        assert feed["state"].shape == (2, 1, 8) and feed["x"].shape == (1, 16) and feed["sr"].shape == ()
+        assert isinstance(feed["sr"], np.ndarray) and feed["sr"] == data["sr"][i]
+        np.testing.assert_array_equal(feed["state"], data["state"][i])
+        assert src.count(feed) == 1
+    # x given per sample as well ([n, 1, 16]): the same feeds
+    again = list(open_source(stream_data(x=data["x"][:, None]), model).batches(8))
+    assert all(np.array_equal(a["x"], b["x"]) for (a, _), (b, _) in zip(feeds, again))
+
+
+def test_batched_inputs_are_chunked_and_counted():
+    model = mlp(np.random.default_rng(0))
+    src = open_source({"x": np.ones((50, 12), np.float32)}, model)
+    assert src.layout == {"x": BATCHED}
+    assert [src.count(f) for f, _ in src.batches(16)] == [16, 16, 13, 5]
+    per_sample = open_source({"x": np.ones((50, 3, 12), np.float32)}, model)  # [n, 3, 12]: 3 rows a feed
+    assert per_sample.layout == {"x": PER_SAMPLE}
+    assert {f["x"].shape for f, _ in per_sample.batches(16)} == {(3, 12)}
+    assert sum(per_sample.count(f) for f, _ in per_sample.batches(16)) == 50
+
+
+def test_fixed_leading_axes_that_are_not_a_batch_do_not_set_the_batch():
+    """The state's fixed axis 0 (2) must not become the batch of the other inputs."""
+    model = streaming_model(np.random.default_rng(0), x_batch=1)
+    src = open_source(stream_data(), model)
+    assert src.fixed_batch == 1 and {f["x"].shape for f, _ in src.batches(64)} == {(1, 16)}
+    # all inputs batched, the state's axis 0 then really is the batch: fed in batches of exactly 2
+    m2 = streaming_model(np.random.default_rng(0), x_batch=2)
+    data = {"state": np.ones((6, 1, 8), np.float32), "x": np.ones((6, 16), np.float32)}
+    m2.graph.input.pop()  # no sample rate
+    m2.graph.node[4].op_type = "Identity"  # Cast(sr) -> unused below
+    m2.graph.node[4].input[0] = "ref_rate"
+    del m2.graph.node[4].attribute[:]
+    src = open_source(data, m2)
+    assert src.layout == {"state": BATCHED, "x": BATCHED} and {f["x"].shape[0] for f, _ in src.batches(64)} == {2}
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(state=np.zeros((30, 3, 1, 8), np.float32)),
+     r"tensor 'state' has shape \[30, 3, 1, 8\]: one sample's feed is \[3, 1, 8\], the model expects \[2, 1, 8\]"),
+    (dict(state=np.zeros((30, 2, 8), np.float32)),
+     r"tensor 'state' has shape \[30, 2, 8\], the model expects \[2, 1, 8\]"),
+    (dict(state=np.zeros((30, 1, 2, 1, 8), np.float32)),
+     r"tensor 'state' has shape \[30, 1, 2, 1, 8\], the model expects rank 3 \[2, 1, 8\] \(batch on axis 0\) "
+     r"or rank 4 \(one feed per sample\)"),
+    (dict(sr=np.array(16000, np.int64)), "tensor 'sr' is a single scalar; give one value per sample, shape \\[n\\]"),
+    (dict(sr=np.full((30, 1), 16000, np.int64)), r"tensor 'sr' has shape \[30, 1\], the model expects rank 0"),
+    (dict(sr=np.full(29, 16000, np.int64)), r"inputs have different numbers of samples \('state': 30 \(per sample\), "
+                                             r"'x': 30 \(batched\), 'sr': 29 \(per sample\)\)"),
+    (dict(sr=np.full(30, 16000, np.int32)), "tensor 'sr' has dtype int32, the model expects int64"),
+    (dict(x=np.zeros((30, 0), np.float32)), r"tensor 'x' is empty \(shape \[30, 0\]\)"),
+    (dict(state=np.zeros((0, 2, 1, 8), np.float32)), "tensor 'state' has no samples"),
+    (dict(state=np.full((30, 2, 1, 8), np.inf, np.float32)), "tensor 'state' contains NaN or Inf"),
+])
+def test_layout_misfits_are_named(override, message, tmp_path):
+    model = streaming_model(np.random.default_rng(0))
+    with pytest.raises(LobsError, match=message):
+        open_source(stream_data(**override), model)
+    path = tmp_path / "s.npz"
+    np.savez(path, **stream_data(**override))
+    with pytest.raises(LobsError, match="s.npz: " + message):
+        open_source(str(path), model)
+
+
+def test_a_fixed_batch_cannot_mix_with_per_sample_feeds():
+    model = streaming_model(np.random.default_rng(0), x_batch=4)
+    with pytest.raises(LobsError, match="tensor 'x' has its batch on axis 0 with a fixed batch of 4, but 'state' "
+                                        r"gives one feed per sample: give 'x' one feed per sample too \(shape \[n, 4"):
+        open_source(stream_data(), model)
+    src = open_source(stream_data(x=np.zeros((30, 4, 16), np.float32)), model)
+    assert {f["x"].shape for f, _ in src.batches(8)} == {(4, 16)}
+    fixed = mlp(np.random.default_rng(0))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    with pytest.raises(LobsError, match="3 samples, fewer than the model's fixed batch of 4"):
+        open_source({"x": np.ones((3, 12), np.float32)}, fixed)
+
+
+def test_folder_files_must_share_their_layout(tmp_path):
+    model = streaming_model(np.random.default_rng(0))
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    np.savez(folder / "a.npz", **stream_data(10))
+    data = stream_data(10)
+    data["x"] = data["x"][:, None]  # per sample in this file only
+    np.savez(folder / "b.npz", **data)
+    src = open_source(str(folder), model)
+    with pytest.raises(LobsError, match=r"b.npz: tensor 'x' is given per sample, but a.npz gives it batched"):
+        list(src.batches(4))
+    np.savez(folder / "b.npz", **stream_data(10, seed=1))
+    feeds = list(open_source(str(folder), model).batches(4))
+    assert len(feeds) == 20 and sum(held for _, held in feeds) == 2
+
+
+def test_reader_feeds_must_fit_exactly():
+    model = streaming_model(np.random.default_rng(0))
+
+    class Reader:
+        def __init__(self, feeds):
+            self.feeds = list(feeds)
+
+        def get_next(self):
+            return self.feeds.pop(0) if self.feeds else None
+
+    good = {"state": np.zeros((2, 1, 8), np.float32), "x": np.zeros((3, 16), np.float32), "sr": np.array(8000)}
+    src = open_source(Reader([good] * 10), model)
+    assert [src.count(f) for f, _ in src.batches(1)] == [2] * 10  # axis 0 of the first input with axes
+    bad = dict(good, state=np.zeros((3, 1, 8), np.float32))
+    with pytest.raises(LobsError,
+                       match=r"feed 1\): tensor 'state' has shape \[3, 1, 8\], the model expects \[2, 1, 8\]"):
+        list(open_source(Reader([good, bad]), model).batches(1))
+    with pytest.raises(LobsError, match=r"feed 0\): not a dict of arrays"):
+        list(open_source(Reader([[1, 2]]), model).batches(1))
+
+
+def test_random_data_follows_the_layouts():
+    model = streaming_model(np.random.default_rng(0))
+    with pytest.warns(UserWarning, match="random data"):
+        src = open_source("random", model, samples=20)
+    assert src.layout == {"state": PER_SAMPLE, "x": BATCHED, "sr": PER_SAMPLE} and src.n == 20
+
+
+def test_prune_streaming_model_with_per_sample_inputs(tmp_path):
+    model = streaming_model(np.random.default_rng(0))
+    path = tmp_path / "calib.npz"
+    np.savez(path, **stream_data(40))
+    result = prune(model, str(path), PruneConfig(default_exclude=False))
+    assert [(r.name, r.sparsity) for r in result.report.layers] == [
+        ("in_proj", 0.5), ("state_proj", 0.5), ("out_proj", 0.5)]
+    assert result.report.fidelity["samples"] == 4
+
+
+def test_report_counts_per_sample_feeds_as_one_sample_each(tmp_path):
+    model = streaming_model(np.random.default_rng(0))
+    result = prune(model, stream_data(40), PruneConfig(default_exclude=False))
+    assert result.report.samples == {"calibration": 36, "held_out": 4}
+
+
+def test_evaluate_counts_per_sample_feeds_for_labels():
+    from onnx_lobs import evaluate
+
+    model = streaming_model(np.random.default_rng(0))
+    data = stream_data(30)
+    data["labels"] = np.zeros(30, np.int64)
+    result = evaluate(model, data, reference=model)
+    assert result["samples"] == 30 and 0 <= result["accuracy"] <= 1 and result["rel_l2"] == 0
+
+
+def test_negative_dims_are_dynamic():
+    """paddle2onnx writes -1 for a dynamic axis: not a fixed batch of -1."""
+    model = mlp(np.random.default_rng(0))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    src = open_source({"x": np.ones((30, 12), np.float32)}, model)
+    assert src.fixed_batch is None and [len(f["x"]) for f, _ in src.batches(16)] == [16, 11, 3]

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs import LobsError
 from onnx_lobs.graph import LoadedModel, find_layers, load_model, save_model, write_tensor
@@ -158,3 +158,98 @@ def test_save_is_atomic_and_reports_bad_paths(tmp_path):
     save_model(model, str(out))
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary left behind
     assert onnx.load(out) == model
+
+
+def test_quantized_weights_are_skipped_as_quantized():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["Wd"], name="dq"),
+             helper.make_node("MatMul", ["x", "Wd"], ["a"], name="direct"),
+             helper.make_node("Transpose", ["Wd"], ["Wt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["a", "Wt"], ["y"], name="behind_transpose", transB=1)]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 4])], [vi("y", TensorProto.FLOAT, ["N", 4])],
+                       [tensor("Wq", rng.integers(-8, 8, (4, 4)).astype(np.int8)),
+                        tensor("scale", np.array(0.1, np.float32)), tensor("zp", np.array(0, np.int8))])
+    layers, skipped = layers_of(model)
+    assert layers == []
+    assert {s.name: s.reason for s in skipped} == {"direct": "quantized weight (DequantizeLinear)",
+                                                   "behind_transpose": "quantized weight (DequantizeLinear)"}
+
+
+def test_constants_whose_bytes_do_not_fit_are_named(tmp_path):
+    model = mlp(np.random.default_rng(0))
+    model.graph.initializer[0].dims[0] -= 1  # 15 x 12 floats declared, 16 x 12 stored (too few: the checker's)
+    onnx.save(model, tmp_path / "dims.onnx")
+    with pytest.raises(LobsError, match=r"dims.onnx: tensor 'W1' holds 768 bytes, but \[15, 12\] of float takes 720"):
+        load_model(str(tmp_path / "dims.onnx"))
+    model = mlp(np.random.default_rng(0))
+    model.graph.initializer[0].data_type = 99
+    onnx.save(model, tmp_path / "type.onnx")
+    with pytest.raises(LobsError, match="type.onnx"):
+        load_model(str(tmp_path / "type.onnx"))
+
+
+def test_load_names_folders_and_opsets_it_cannot_know(tmp_path):
+    with pytest.raises(LobsError, match="is a folder, not a model file"):
+        load_model(str(tmp_path))
+    model = mlp(np.random.default_rng(0))
+    model.opset_import[0].version = 999
+    onnx.save(model, tmp_path / "future.onnx")
+    with pytest.raises(LobsError, match=r"future.onnx: opset 999 is newer than the newest this onnx knows"):
+        load_model(str(tmp_path / "future.onnx"))
+
+
+def test_non_finite_weights_and_biases_are_skipped():
+    rng = np.random.default_rng(0)
+    model = mlp(rng)
+    b1 = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    b1[2] = np.nan
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    w2 = numpy_helper.to_array(model.graph.initializer[2]).copy()
+    w2[0, 1] = -np.inf
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "W2"))
+    layers, skipped = layers_of(model)
+    assert [l.name for l in layers] == ["fc3"]
+    assert {s.name: s.reason for s in skipped} == {"fc1": "b1 contains NaN or Inf", "fc2": "W2 contains NaN or Inf"}
+
+
+def test_write_atomic_and_save_leave_only_their_files(tmp_path):
+    from onnx_lobs.atomic import write_atomic
+
+    write_atomic(str(tmp_path / "r.json"), b"{}\n")
+    write_atomic(str(tmp_path / "r.json"), b"[]\n")  # replaces
+    assert (tmp_path / "r.json").read_bytes() == b"[]\n"
+    save_model(mlp(np.random.default_rng(0)), str(tmp_path / "m.onnx"), external=True)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "r.json"]
+    with pytest.raises(LobsError, match="output folder does not exist"):
+        write_atomic(str(tmp_path / "no" / "r.json"), b"")
+
+
+def test_external_data_save_runs_in_onnxruntime_with_subgraph_initializers(tmp_path):
+    """Every initializer of 1 KiB or more, in the main graph and in If branches, goes to PATH.data;
+    onnxruntime runs the saved model from its file and gives the same outputs."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    model = subgraphs.if_model(rng)
+    branch = model.graph.node[2].attribute[0].g
+    branch.initializer.append(tensor("Wb", rng.standard_normal((6, 64)).astype(np.float32)))
+    branch.node.append(helper.make_node("MatMul", ["x", "Wb"], ["unused"]))
+    model.graph.initializer.append(tensor("big", rng.standard_normal((300,)).astype(np.float32)))
+    onnx.checker.check_model(model)
+    before = model.SerializeToString()
+    save_model(model, str(tmp_path / "m.onnx"), external=True)
+    assert model.SerializeToString() == before  # the caller's model keeps its weights
+    saved = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    externals = sorted(t.name for g in [saved.graph, saved.graph.node[2].attribute[0].g] for t in g.initializer
+                       if t.data_location == TensorProto.EXTERNAL)
+    assert externals == ["Wb", "big"]  # Wo (72 bytes) and the scalar stay inline
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = ort.InferenceSession(before, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])
+    again = load_model(str(tmp_path / "m.onnx"))
+    assert again.external == {"Wb", "big"}
+    np.testing.assert_array_equal(numpy_helper.to_array(again.model.graph.initializer[-1]),
+                                  numpy_helper.to_array(model.graph.initializer[-1]))

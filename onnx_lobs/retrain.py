@@ -1,0 +1,643 @@
+"""Light retraining of a pruned model with its zeros held: ONNX -> torch -> train -> ONNX, checked.
+
+The pruned model is converted with onnx2torch, every weight that is exactly zero in a prunable layer
+is held at zero (its gradient is zeroed and the mask re-applied after every step), the rest trains
+on labels (cross-entropy) or against the original model (distillation), and the result is exported
+with torch.onnx.export. Nothing is returned until the exported model has passed three checks: the
+same inputs, outputs and opset as the pruned model, every layer's zeros still exactly zero, and
+onnxruntime agreeing with torch.
+
+torch and onnx2torch are optional (the `retrain` extra) and imported only inside these functions,
+so the rest of the package never loads them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import numpy as np
+import onnx
+
+from .calibration import ArraySource, input_specs, make_session, open_source, run
+from .errors import LobsError
+from .graph import LoadedModel, find_layers, load_model, model_inputs
+from .report import _clean, versions
+
+INSTALL_HINT = "pip install 'onnx-lobs[retrain]'"
+DEFAULT_LR = 2e-3  # Adam, cosine-decayed to 0 over the run: chosen by held-out loss, docs/paper_table.md
+HOLDOUT_FRACTION, HOLDOUT_MAX = 10, 1000  # as for calibration: one in ten, at most 1,000
+CURVE_POINTS = 50  # loss-curve entries in the report
+METADATA_KEY = "onnx_lobs.retrain"
+MIN_OPSET, MAX_OPSET = 7, 20  # what the TorchScript exporter writes
+
+
+@dataclass
+class RetrainReport:
+    loss: str  # "cross-entropy" or "distillation"
+    iterations: int
+    epochs: float  # iterations x batch size / training samples
+    batch_size: int
+    lr: float
+    seed: int
+    optimizer: str
+    samples: dict  # {"train": n, "held_out": n}
+    layers: list[dict]  # per prunable layer: name, op, params, zeros held
+    loss_curve: list[tuple[int, float]]  # (iteration, mean training loss since the previous entry)
+    before: dict  # held-out metrics of the pruned model
+    after: dict  # ... and of the retrained one
+    checks: dict  # what was verified on the exported model
+    timings: dict
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class RetrainResult:
+    model: onnx.ModelProto
+    report: RetrainReport
+
+
+@dataclass(eq=False)
+class _Held:
+    """A prunable layer's weight as a torch Parameter, with the mask of weights that stay zero."""
+
+    name: str
+    op: str
+    param: object  # torch.nn.Parameter
+    keep: object  # torch tensor: 1 where the weight trains, 0 where it is held at zero
+
+
+def require_torch():
+    """Import torch and onnx2torch, or say in one line how to install them."""
+    try:
+        import torch
+    except Exception as e:
+        raise LobsError(f"retraining needs PyTorch, which is not installed ({_first_line(e)}): "
+                        f"{INSTALL_HINT}") from None
+    try:
+        import onnx2torch
+    except Exception as e:  # a torchvision built for another torch fails with RuntimeError, not ImportError
+        raise LobsError(f"retraining needs onnx2torch, which does not import ({_first_line(e)}): "
+                        f"{INSTALL_HINT}") from None
+    return torch, onnx2torch
+
+
+def retrain(pruned, data, *, labels: str | None = None, teacher=None, iterations: int | None = None,
+            epochs: float | None = None, batch_size: int = 128, lr: float = DEFAULT_LR, seed: int = 0,
+            progress: bool = True) -> RetrainResult:
+    """Fine-tune a pruned model (path, ModelProto, LoadedModel or PruneResult) with its zeros held.
+
+    `data` is an .npz file or a dict of arrays keyed by the model's input names. With `labels` (a key
+    in the data) the loss is cross-entropy; with `teacher` (the original model) it is distillation.
+    The default is one epoch over the training part of the data.
+    """
+    torch, _ = require_torch()
+    t0 = time.perf_counter()
+    loaded = _loaded(pruned)
+    if (labels is None) == (teacher is None):
+        raise LobsError("give either labels (a key in the data) or a teacher model, not both and not neither")
+    if iterations is not None and epochs is not None:
+        raise LobsError("give either iterations or epochs, not both")
+    if batch_size < 1 or (iterations is not None and iterations < 1) or (epochs is not None and not epochs > 0):
+        raise LobsError("batch size, iterations and epochs must be positive")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise LobsError(f"learning rate must be a positive number, got {lr}")
+    teacher_loaded = None if teacher is None else _loaded(teacher)
+    arrays, targets = _training_data(data, loaded.model, labels)
+    n = len(next(iter(arrays.values())))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    h = min(max(n // HOLDOUT_FRACTION, 1), HOLDOUT_MAX) if n >= HOLDOUT_FRACTION else 0
+    held_idx, train_idx = np.sort(order[:h]), order[h:]
+    if iterations is None:
+        iterations = max(1, math.ceil((epochs or 1.0) * len(train_idx) / batch_size))
+
+    torch.manual_seed(seed)
+    gm = _convert(loaded)
+    held = _hold_zeros(gm, loaded)
+    timings = {"convert": time.perf_counter() - t0}
+    check_idx = held_idx if h else train_idx[:256]
+    _check_conversion(gm, loaded, arrays, check_idx)
+    teach = _Teacher(teacher_loaded, loaded.model) if teacher_loaded else None
+    loss_fn = _Loss(loaded.model, targets, teach)
+
+    before = _metrics(gm, arrays, held_idx, loss_fn)
+    t = time.perf_counter()
+    curve = _train(gm, held, arrays, train_idx, loss_fn, iterations, batch_size, lr, seed, progress)
+    timings["train"] = time.perf_counter() - t
+    after = _metrics(gm, arrays, held_idx, loss_fn)
+
+    t = time.perf_counter()
+    model = _export(gm, loaded.model, arrays, check_idx)
+    timings["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    checks = _check_export(loaded, model, gm, held, arrays, check_idx)
+    timings["check"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    layers = [{"name": k.name, "op": k.op, "params": int(k.param.numel()),
+               "zeros": int((k.keep == 0).sum())} for k in held]
+    report = RetrainReport(loss_fn.kind, iterations, iterations * batch_size / max(len(train_idx), 1),
+                           batch_size, lr, seed, "Adam, cosine decay to 0",
+                           {"train": int(len(train_idx)), "held_out": int(h)}, layers, curve, before, after,
+                           checks, timings, {**versions(), "torch": torch.__version__,
+                                             "onnx2torch": metadata.version("onnx2torch")})
+    _stamp(model, loaded.model, report)
+    return RetrainResult(model, report)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _loaded(model) -> LoadedModel:
+    if hasattr(model, "model") and hasattr(model, "masks"):  # a PruneResult
+        model = model.model
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return LoadedModel(model, "<model>")
+    return load_model(str(model))
+
+
+def _training_data(data, model, labels):
+    """The data's input arrays, and the label array when labels are asked for."""
+    fixed = [s.name for s in input_specs(model) if s.shape and s.shape[0] is not None]
+    if fixed:
+        raise LobsError(f"input '{fixed[0]}' has a fixed batch size; retraining needs a dynamic batch axis")
+    extra = (labels, "labels") if labels else ("labels",)  # a labelled file also serves distillation
+    source = open_source(data, model, extra_ok=extra)
+    if not isinstance(source, ArraySource):
+        raise LobsError(f"{getattr(source, 'origin', data)}: retraining reads one .npz file or a dict of "
+                        "arrays (not a folder or a reader): it needs random access to shuffle")
+    if getattr(source, "per_sample", False):
+        raise LobsError(f"{source.origin}: retraining needs every input batched on axis 0 (rank as the model's)")
+    y = None
+    if labels:
+        y = source.extra.get(labels)
+        if y is None:
+            raise LobsError(f"{source.origin}: has no labels under key '{labels}'")
+        if y.dtype.kind not in "iu" or y.ndim < 1 or y.shape[0] != source.n:
+            raise LobsError(f"{source.origin}: labels '{labels}' must be integers with one entry per sample, "
+                            f"got {y.dtype} {list(y.shape)} for {source.n} samples")
+    return source.arrays, y
+
+
+# ----------------------------------------------------------------------------- torch side
+
+def _convert(loaded: LoadedModel):
+    """onnx2torch's graph module, after listing in one line every op it has no converter for."""
+    from onnx2torch import convert
+    from onnx2torch.node_converters import get_converter
+
+    opsets = {o.domain or "": o.version for o in loaded.model.opset_import}
+    missing = {}
+    for node in loaded.model.graph.node:
+        try:
+            get_converter(operation_type=node.op_type, version=opsets.get(node.domain or "", 1),
+                          domain=node.domain or "")
+        except NotImplementedError:
+            key = node.op_type + (f" (domain {node.domain})" if node.domain else "")
+            missing[key] = missing.get(key, 0) + 1
+    if missing:
+        ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(missing.items()))
+        raise LobsError(f"{loaded.path}: onnx2torch cannot convert these ops: {ops}; "
+                        "retraining needs a model it can convert")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(loaded.model)
+    try:
+        gm = convert(copy, attach_onnx_mapping=True)
+    except Exception as e:
+        raise LobsError(f"{loaded.path}: onnx2torch cannot convert it ({type(e).__name__}: "
+                        f"{_first_line(e)})") from None
+    gm.eval()  # an inference graph: no dropout, batch-norm statistics stay as exported
+    return gm
+
+
+def _hold_zeros(gm, loaded: LoadedModel) -> list[_Held]:
+    """Make every prunable layer's weight (and a bias held in a buffer) a Parameter, with its mask.
+
+    onnx2torch turns Gemm and Conv into Linear/Conv modules whose weight is a Parameter, but a
+    MatMul's constant operand (and a Gemm it cannot map onto Linear) stays a buffer, which would
+    not train. Initializer names do not survive, so each layer is found through its node's output.
+    """
+    by_output = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            mapping = getattr(gm.get_submodule(n.target), "onnx_mapping", None)
+            for o in getattr(mapping, "outputs", ()):
+                by_output[o] = n
+    layers, _ = find_layers(loaded)
+    consumers = {}
+    for node in loaded.model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    held, seen = [], set()
+    for layer in layers:
+        if layer.dtype not in ("float32", "float64"):
+            raise LobsError(f"layer {layer.name}: weight is stored as {layer.dtype}; retraining supports "
+                            "float32 and float64 weights")
+        owners = []
+        for use in layer.uses:
+            node = use.node
+            fx = by_output.get(node.output[0])
+            if fx is None:
+                raise LobsError(f"layer {layer.name}: not found in the converted model (inside a subgraph?)")
+            owners.append(_parameter(gm, fx, node, 1, layer.name))
+            if len(node.input) > 2 and node.input[2]:
+                _parameter(gm, fx, node, 2, layer.name)
+            for add in consumers.get(node.output[0], []):  # MatMul + Add: the Add's constant is a bias
+                if add.op_type == "Add" and add.output[0] in by_output:
+                    k = 1 if add.input[0] == node.output[0] else 0
+                    if any(t.name == add.input[k] for t in loaded.model.graph.initializer):
+                        _parameter(gm, by_output[add.output[0]], add, k, layer.name, required=False)
+        p = owners[0][2]
+        for o, a, _ in owners[1:]:  # one weight used by several nodes: tie the copies onnx2torch made
+            delattr(o, a)
+            o.register_parameter(a, p)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        keep = (p.detach() != 0).to(p.dtype)
+        if int((keep == 0).sum()) != int(np.sum(layer.read() == 0)):
+            raise AssertionError(f"layer {layer.name}: zeros differ after conversion")
+        held.append(_Held(layer.name, layer.op, p, keep))
+    return held
+
+
+def _parameter(gm, fx, node, index: int, layer: str, required: bool = True):
+    """(owner, attribute, Parameter) holding input `index` of a converted node; a buffer becomes a Parameter."""
+    import torch
+    from torch import nn
+
+    module = gm.get_submodule(fx.target)
+    core = module[-1] if isinstance(module, nn.Sequential) else module  # a Conv after a Pad (auto_pad)
+    if isinstance(core, (nn.Linear, nn.modules.conv._ConvNd)):
+        attr = "weight" if index == 1 else "bias"
+        return core, attr, getattr(core, attr)
+    inputs = list(module.onnx_mapping.inputs)
+    pos = inputs.index(node.input[index]) if node.input[index] in inputs else len(fx.args)
+    arg = fx.args[pos] if pos < len(fx.args) else None
+    while getattr(arg, "op", None) == "call_module" and type(gm.get_submodule(arg.target)).__name__.endswith(
+            "Identity"):  # an Identity node between the constant and its user
+        arg = arg.args[0]
+    if getattr(arg, "op", None) == "get_attr":
+        owner_name, _, attr = arg.target.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+    elif getattr(arg, "op", None) == "call_module" and hasattr(gm.get_submodule(arg.target), "value"):
+        owner, attr = gm.get_submodule(arg.target), "value"  # a Constant node
+    elif required:
+        raise LobsError(f"layer {layer}: its weight reaches torch through {getattr(arg, 'target', arg)}; "
+                        "retraining cannot hold its zeros")
+    else:
+        return None
+    value = getattr(owner, attr)
+    if not isinstance(value, nn.Parameter) and torch.is_floating_point(value):
+        delattr(owner, attr)
+        value = nn.Parameter(value.detach().clone())
+        owner.register_parameter(attr, value)
+    return owner, attr, value
+
+
+def _tensors(arrays: dict, idx) -> list:
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in arrays.values()]
+
+
+def _outputs(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _torch_outputs(gm, arrays, idx) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        return [o.numpy() for o in _outputs(gm(*_tensors(arrays, idx)))]
+
+
+def _max_diff(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
+    """max |out - ref| relative to the outputs' scale, over every output; inf on a shape mismatch."""
+    worst = 0.0
+    for r, o in zip(ref, out):
+        if r.shape != o.shape:
+            return math.inf
+        scale = 1.0 + float(np.max(np.abs(r))) if r.size else 1.0
+        worst = max(worst, float(np.max(np.abs(r.astype(np.float64) - o))) / scale if r.size else 0.0)
+    return worst if len(ref) == len(out) else math.inf
+
+
+TOLERANCE = 1e-4  # torch against onnxruntime, relative to 1 + the largest output
+
+
+def _check_conversion(gm, loaded: LoadedModel, arrays, idx) -> None:
+    """onnx2torch's model must compute what onnxruntime computes, before any training."""
+    idx = idx[:256]
+    sess = make_session(loaded.model)
+    ref = run(sess, [o.name for o in loaded.model.graph.output], {k: a[idx] for k, a in arrays.items()},
+              loaded.path)
+    diff = _max_diff(ref, _torch_outputs(gm, arrays, idx))
+    if not diff <= TOLERANCE:
+        raise LobsError(f"{loaded.path}: onnx2torch's conversion does not compute what onnxruntime does "
+                        f"(relative difference {diff:.3g}); it cannot be retrained faithfully")
+
+
+# ----------------------------------------------------------------------------- loss
+
+class _Teacher:
+    """The original model in onnxruntime: its outputs are the distillation targets."""
+
+    def __init__(self, teacher: LoadedModel, student: onnx.ModelProto):
+        names = [i.name for i in model_inputs(teacher.model)]
+        want = [i.name for i in model_inputs(student)]
+        if sorted(names) != sorted(want):
+            raise LobsError(f"{teacher.path}: teacher inputs {names} differ from the pruned model's {want}")
+        if len(teacher.model.graph.output) != len(student.graph.output):
+            raise LobsError(f"{teacher.path}: teacher has {len(teacher.model.graph.output)} outputs, the pruned "
+                            f"model {len(student.graph.output)}")
+        self.path, self.inputs = teacher.path, names
+        self.outputs = [o.name for o in teacher.model.graph.output]
+        self.session = make_session(teacher.model)
+        self.kinds = [_output_kind(teacher.model, o) for o in self.outputs]
+
+    def __call__(self, arrays, idx) -> list[np.ndarray]:
+        return run(self.session, self.outputs, {k: arrays[k][idx] for k in self.inputs}, self.path)
+
+
+def _output_kind(model: onnx.ModelProto, name: str) -> str:
+    """'probs' or 'logprobs' when a Softmax / LogSoftmax makes the output, else 'scores'."""
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(getattr(producer, "op_type", ""), "scores")
+
+
+def _log_probs(out, kind: str):
+    import torch
+
+    if kind == "logprobs":
+        return out
+    if kind == "probs":
+        return torch.log(out.clamp_min(1e-12))
+    return torch.log_softmax(out, 1)
+
+
+def _is_class_scores(out) -> bool:
+    return out.ndim >= 2 and out.shape[1] > 1 and out.is_floating_point()
+
+
+class _Loss:
+    """Cross-entropy against labels on the first output, or distillation on every output: KL on
+    softmax for class scores (axis 1), MSE for anything else."""
+
+    def __init__(self, model: onnx.ModelProto, labels, teacher: _Teacher | None):
+        self.labels, self.teacher = labels, teacher
+        self.kinds = [_output_kind(model, o.name) for o in model.graph.output]
+        self.first_output = model.graph.output[0].name
+        self.kind = "cross-entropy" if labels is not None else "distillation"
+
+    def target(self, arrays, idx):
+        import torch
+
+        if self.teacher is None:
+            return torch.from_numpy(self.labels[idx].astype(np.int64))
+        return [torch.from_numpy(t) for t in self.teacher(arrays, idx)]
+
+    def __call__(self, outs, target):
+        import torch.nn.functional as F
+
+        if self.teacher is None:
+            out = outs[0]
+            if not _is_class_scores(out) or tuple(target.shape) != (out.shape[0],) + tuple(out.shape[2:]):
+                raise LobsError(f"labels of shape {list(target.shape)} do not fit output '{self.first_output}' "
+                                f"{list(out.shape)}: cross-entropy needs class scores on axis 1")
+            if int(target.min()) < 0 or int(target.max()) >= out.shape[1]:
+                raise LobsError(f"labels must lie in [0, {out.shape[1]}) for output '{self.first_output}'")
+            return F.nll_loss(_log_probs(out, self.kinds[0]), target)
+        total = 0.0
+        for out, ref, kind, tkind in zip(outs, target, self.kinds, self.teacher.kinds):
+            if tuple(out.shape) != tuple(ref.shape):
+                raise LobsError(f"{self.teacher.path}: teacher output {list(ref.shape)} and pruned model output "
+                                f"{list(out.shape)} differ in shape")
+            if _is_class_scores(out):
+                total = total + F.kl_div(_log_probs(out, kind), _log_probs(ref, tkind), log_target=True,
+                                         reduction="batchmean")
+            else:
+                total = total + F.mse_loss(out, ref.to(out.dtype))
+        return total
+
+    def metrics(self, outs, target) -> dict:
+        """Summed loss and correct counts for one batch."""
+        out, n = outs[0], outs[0].shape[0]
+        m = {"loss": float(self(outs, target)) * n}
+        if _is_class_scores(out):
+            ref = target if self.teacher is None else target[0].argmax(1)
+            key = "accuracy" if self.teacher is None else "top1_agreement"
+            m[key] = int((out.argmax(1) == ref).sum())
+        return m
+
+
+def _metrics(gm, arrays, idx, loss_fn: _Loss, chunk: int = 1000) -> dict:
+    """Loss, and accuracy (labels) or top-1 agreement with the teacher, on the held-out samples."""
+    import torch
+
+    if len(idx) == 0:
+        return {}
+    sums = {}
+    with torch.no_grad():
+        for i in range(0, len(idx), chunk):
+            b = idx[i:i + chunk]
+            for k, v in loss_fn.metrics(_outputs(gm(*_tensors(arrays, b))), loss_fn.target(arrays, b)).items():
+                sums[k] = sums.get(k, 0) + v
+    return {k: v / len(idx) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def _train(gm, held: list[_Held], arrays, idx, loss_fn: _Loss, iterations, batch_size, lr, seed, progress):
+    """Adam with a cosine decay to 0; masked gradients zeroed and masks re-applied after every step."""
+    import torch
+    from tqdm import tqdm
+
+    params = [p for p in gm.parameters() if p.requires_grad]
+    if not params:
+        raise LobsError("the converted model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / iterations)))
+    gen = torch.Generator().manual_seed(seed)
+    every = max(1, iterations // CURVE_POINTS)
+    curve, window, count, it = [], 0.0, 0, 0
+    bar = tqdm(total=iterations, desc="retraining", unit="it", disable=None if progress else True, file=sys.stderr, leave=False)
+    try:
+        while it < iterations:
+            for batch in torch.randperm(len(idx), generator=gen).split(batch_size):
+                if it == iterations:
+                    break
+                b = idx[batch.numpy()]
+                loss = loss_fn(_outputs(gm(*_tensors(arrays, b))), loss_fn.target(arrays, b))
+                if not torch.isfinite(loss):
+                    raise LobsError(f"retraining diverged at iteration {it + 1} (loss {float(loss)}): "
+                                    "use a lower learning rate")
+                opt.zero_grad()
+                loss.backward()
+                for k in held:
+                    if k.param.grad is not None:
+                        k.param.grad.mul_(k.keep)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    for k in held:
+                        k.param.mul_(k.keep)
+                it += 1
+                window, count = window + loss.item(), count + 1
+                if it % every == 0 or it == iterations:
+                    curve.append((it, window / count))
+                    bar.set_postfix(loss=f"{window / count:.4f}")
+                    window, count = 0.0, 0
+                bar.update(1)
+    finally:
+        bar.close()
+    for k in held:
+        if bool((k.param.detach()[k.keep == 0] != 0).any()):
+            raise AssertionError(f"layer {k.name}: a held weight moved")
+    return curve
+
+
+# ----------------------------------------------------------------------------- export and checks
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+
+
+def _export(gm, pruned: onnx.ModelProto, arrays, idx) -> onnx.ModelProto:
+    """torch.onnx.export with the TorchScript exporter, at the pruned model's opset and names.
+
+    The TorchScript exporter writes any opset from 7 to 20, initializers and Gemm/Conv nodes like
+    the exporters that made most models we see; the dynamo exporter starts at opset 18 and needs
+    onnxscript, so it would change the opset of older models.
+    """
+    import torch
+
+    dynamic = {}
+    for vi in list(model_inputs(pruned)) + list(pruned.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        axes = {k: d.dim_param or f"{vi.name}_dim{k}" for k, d in enumerate(dims) if not d.HasField("dim_value")}
+        if axes:
+            dynamic[vi.name] = axes
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notes: the choice is deliberate
+            torch.onnx.export(gm, tuple(_tensors(arrays, idx[:2])), buffer,
+                              input_names=[i.name for i in model_inputs(pruned)],
+                              output_names=[o.name for o in pruned.graph.output], dynamic_axes=dynamic or None,
+                              opset_version=min(max(_opset(pruned), MIN_OPSET), MAX_OPSET),
+                              do_constant_folding=True, dynamo=False)
+    except Exception as e:
+        raise LobsError(f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _check_export(pruned: LoadedModel, model: onnx.ModelProto, gm, held: list[_Held], arrays, idx) -> dict:
+    """Interface and opset, every layer's zeros, onnxruntime against torch; a failure is one line."""
+    def fail(why):
+        raise LobsError(f"the retrained model fails its check: {why}; nothing written")
+
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        fail(f"onnx.checker: {_first_line(e)}")
+    for what, a, b in (("input", model_inputs(pruned.model), model_inputs(model)),
+                       ("output", pruned.model.graph.output, model.graph.output)):
+        if [v.name for v in a] != [v.name for v in b]:
+            fail(f"{what}s {[v.name for v in b]} differ from the pruned model's {[v.name for v in a]}")
+        for va, vb in zip(a, b):
+            why = _interface_difference(va, vb)
+            if why:
+                fail(f"{what} '{va.name}' {why}")
+    if _opset(model) > _opset(pruned.model):
+        fail(f"opset {_opset(model)} is newer than the pruned model's {_opset(pruned.model)}")
+    kept, new = _check_zeros(pruned, model, fail)
+    idx = idx[:256]
+    diff = _max_diff(_torch_outputs(gm, arrays, idx),
+                     run(make_session(model), [o.name for o in model.graph.output],
+                         {k: a[idx] for k, a in arrays.items()}, "retrained model"))
+    if not diff <= TOLERANCE:
+        fail(f"onnxruntime differs from torch by {diff:.3g} (relative)")
+    return {"inputs_outputs": "same names, types and shapes", "opset": [_opset(pruned.model), _opset(model)],
+            "layers": len(held), "zeros_kept": kept, "new_zeros": new, "samples_compared": int(len(idx)),
+            "onnxruntime_vs_torch": diff}
+
+
+def _interface_difference(a: onnx.ValueInfoProto, b: onnx.ValueInfoProto) -> str | None:
+    ta, tb = a.type.tensor_type, b.type.tensor_type
+    if ta.elem_type != tb.elem_type:
+        return f"has type {tb.elem_type}, the pruned model {ta.elem_type}"
+    if not ta.HasField("shape") or not tb.HasField("shape"):
+        return None
+    da, db = list(ta.shape.dim), list(tb.shape.dim)
+    if len(da) != len(db):
+        return f"has rank {len(db)}, the pruned model {len(da)}"
+    for k, (x, y) in enumerate(zip(da, db)):
+        fixed_a, fixed_b = x.HasField("dim_value"), y.HasField("dim_value")
+        if fixed_a != fixed_b or (fixed_a and x.dim_value != y.dim_value):
+            return (f"axis {k} is {y.dim_value if fixed_b else 'dynamic'}, "
+                    f"the pruned model's {x.dim_value if fixed_a else 'dynamic'}")
+    return None
+
+
+def _check_zeros(pruned: LoadedModel, model: onnx.ModelProto, fail) -> tuple[int, int]:
+    """Every prunable layer's zeros, found again in the exported model by order, kind and shape.
+
+    Weights are compared as the adapters' matrices (rows = outputs), so a Gemm weight that became
+    a Linear (transposed) or a MatMul still lines up.
+    """
+    ours, _ = find_layers(pruned)
+    theirs, _ = find_layers(LoadedModel(model, "<retrained>"))
+    kept = new = j = 0
+    for layer in ours:
+        want = _matrices(layer) == 0
+        while j < len(theirs) and not (_kind(theirs[j]) == _kind(layer)
+                                       and _matrices(theirs[j]).shape == want.shape):
+            j += 1
+        if j == len(theirs):
+            fail(f"layer {layer.name} ({layer.op} {list(layer.shape)}) not found in the exported model")
+        have = _matrices(theirs[j]) == 0
+        if not have[want].all():
+            fail(f"layer {layer.name}: {int(np.sum(want & ~have))} of its zeros are no longer zero")
+        kept, new, j = kept + int(want.sum()), new + int(np.sum(have & ~want)), j + 1
+    return kept, new
+
+
+def _matrices(layer) -> np.ndarray:
+    return layer.adapter.to_matrices(layer.uses[0].node, layer.read())
+
+
+def _kind(layer) -> str:
+    return "conv" if layer.op.startswith("Conv") else "dense"
+
+
+def _stamp(model: onnx.ModelProto, pruned: onnx.ModelProto, report: RetrainReport) -> None:
+    """Keep the pruned model's metadata and add one entry for the retraining."""
+    from . import __version__
+
+    del model.metadata_props[:]
+    for p in pruned.metadata_props:
+        if p.key != METADATA_KEY:
+            model.metadata_props.add(key=p.key, value=p.value)
+    value = {"version": __version__, "loss": report.loss, "iterations": report.iterations,
+             "batch_size": report.batch_size, "lr": report.lr, "seed": report.seed}
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(value, sort_keys=True))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

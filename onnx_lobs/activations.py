@@ -64,11 +64,11 @@ def _key(u):
 class Session:
     """An onnxruntime session over a model with the given layers' inputs exposed."""
 
-    def __init__(self, model: onnx.ModelProto, collectors: list[Collector]):
+    def __init__(self, model: onnx.ModelProto, collectors: list[Collector], origin: str | None = None):
         aug, self.exposed = expose(model, _requests(collectors))
         self.outputs = [o.name for o in model.graph.output]
         self.inputs = {i.name for i in aug.graph.input}
-        self.session = make_session(aug)
+        self.session = make_session(aug, origin)
 
     def run(self, feed: dict, origin: str, outputs: bool, collectors) -> tuple[list, dict]:
         """The model's outputs (when asked) and the named values the collectors need."""

@@ -213,7 +213,7 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
     dense = None
     if segments is None or config.global_sparsity is not None:
         t = time.perf_counter()
-        dense = Session(dense_model, [w.collector for w in work])
+        dense = Session(dense_model, [w.collector for w in work], loaded.path)
         timings["prepare"] = time.perf_counter() - t
     held = None
     if config.global_sparsity is not None:
@@ -229,7 +229,7 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
             pruned = None
             if stage is not None:
                 t = time.perf_counter()
-                pruned = Session(loaded.model, [w.collector for w in todo])  # has earlier stages' weights
+                pruned = Session(loaded.model, [w.collector for w in todo], loaded.path)  # has earlier stages' weights
                 timings["prepare"] += time.perf_counter() - t
             label = "calibrating" if stage is None else f"stage {k + 1}/{len(stages)}"
             result = _checked(collect(dense, pruned, [w.collector for w in todo], source, config, timings,
@@ -247,7 +247,7 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
     """Sequential mode with every node run once per model (segments.py); same results as a
     whole pass per stage."""
     t = time.perf_counter()
-    runner = SegmentedPass(segments, source, config, timings)
+    runner = SegmentedPass(segments, source, config, timings, loaded.path)
     timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
     try:
         samples = runner.samples()
@@ -266,7 +266,7 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
     if held is not None:
         return held
     t = time.perf_counter()
-    sess = make_session(dense_model)
+    sess = make_session(dense_model, loaded.path)
     names = [o.name for o in dense_model.graph.output]
     origin = getattr(source, "origin", "calibration data")
     held_dense = [run(sess, names, feed, origin) for feed in runner.feeds.held_feeds]

@@ -173,8 +173,8 @@ class Feeds:
 class SegmentedPass:
     """Runs stage after stage; call stage(k, ...) for k = 0, 1, ... in order."""
 
-    def __init__(self, segments: list[Segment], source, config, timings: dict):
-        self.segments, self.config, self.timings = segments, config, timings
+    def __init__(self, segments: list[Segment], source, config, timings: dict, model_path: str | None = None):
+        self.segments, self.config, self.timings, self.model_path = segments, config, timings, model_path
         self.store = Store()
         self.origin = getattr(source, "origin", "calibration data")
         needed = set().union(*(s.reads for s in segments)) if segments else set()
@@ -202,7 +202,7 @@ class SegmentedPass:
         sessions = {}
         for side, model in (("d", dense), ("p", pruned)):
             m = _segment_model(model, seg, self.store.types)
-            sessions[side] = make_session(m) if m is not None else None
+            sessions[side] = make_session(m, self.model_path) if m is not None else None
         self.timings["prepare"] = self.timings.get("prepare", 0.0) + time.perf_counter() - t
         bar = tqdm(desc=label, unit="sample", total=sum(self.feeds.sizes), disable=None if self.config.progress else True,
                    file=sys.stderr, leave=False)

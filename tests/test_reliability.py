@@ -153,9 +153,6 @@ def test_a_folder_given_as_model_fails_with_one_line(tmp_path, capsys):
     assert_clean_failure(code, capsys.readouterr().err, before, tmp_path, ["m.onnx"])
 
 
-@pytest.mark.xfail(strict=True, reason="the pipeline's onnxruntime sessions do not pass the model's path to "
-                                       "calibration.make_session(origin=...); "
-                                       "see /work/notes/bugs_for_lead.md, reliability #5")
 def test_a_model_onnxruntime_refuses_is_named(tmp_path, capsys):
     m = mlp(np.random.default_rng(0))
     m.opset_import.add(domain="com.example.nosuch", version=1)

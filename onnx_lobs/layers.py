@@ -345,12 +345,9 @@ class ConvTranspose:
         w = m.reshape(g, like.shape[1], like.shape[0] // g, -1).transpose(0, 2, 1, 3)
         return w.reshape(like.shape)
 
-    def bias_vector(self, node, c, rows):
-        g = node_attrs(node).get("group", 1)
-        return c.reshape(g, -1).astype(np.float64)
-
-    def bias_from_vector(self, node, b, like):
-        return b.reshape(like.shape)
+    # One bias per output channel, grouped as the rows: the same as Conv's.
+    bias_vector = Conv.bias_vector
+    bias_from_vector = Conv.bias_from_vector
 
     def unfold(self, node, x, weight_shape):
         a = node_attrs(node)

@@ -86,7 +86,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
             start_err += target_error(wk, wk, hp[k], cross[k], hd[k])
             w0_err += target_error(start, wk, hp[k], cross[k], hd[k])
         try:
-            sol = best_damped(solver, start, hp[k], config, target, protect, nm, counts[k])
+            sol = best_damped(solver, start, hp[k], config, counts[k], protect, nm)
         except LinAlgError:
             raise LobsError(f"layer {layer.name}: its Hessian could not be regularised (inputs too large "
                             f"or not finite on the calibration data)") from None
@@ -133,7 +133,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     return mask
 
 
-def best_damped(solver, wk, hk, config, sparsity, protect, nm=None, count=None):
+def best_damped(solver, wk, hk, config, count, protect, nm=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
@@ -150,11 +150,8 @@ def best_damped(solver, wk, hk, config, sparsity, protect, nm=None, count=None):
         if config.max_error is not None:
             return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ hk) * w)), protect=protect,
                           damp=damp, memo=memo)
-        cols = w.shape[1] - (protect is not None)
-        if count is None:
-            n = int(round(sparsity * w.shape[0] * cols))
-        else:  # on the grid's row subset, the same share of its rows
-            n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
+        # count weights to remove from wk; on the grid's row subset, the same share of its rows
+        n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
         return Target(n_prune=n, protect=protect, damp=damp, memo=memo)
 
     if config.damp is not None or config.method in FIXED_DAMP:

@@ -18,7 +18,10 @@ group in that row holds more than n remaining weights; nothing to merge.
 Computation. The greedy above is a Cholesky factorisation of Hd^-1 with a data-dependent pivot
 order, so it is computed like a blocked (right-looking) pivoted Cholesky, for a block of rows
 at once:
-- each row's G lives in one [rows, cols, cols] stack (rows chosen so the stack is <= 256 MB);
+- each row's G lives in one [rows, cols, cols] stack (rows chosen so the stack is <= 512 MB),
+  float32 from SINGLE_COLS columns on: the downdates are bound by memory traffic and syrk runs
+  twice as fast; the scores and weights stay float64, and since the final weights are refitted
+  from the removed set in float64, single precision can only reorder near-ties (tested);
 - the rank-1 downdates are deferred: within a panel of up to LAZY steps the pivot's row of G is
   its stored row minus the panel's earlier vectors (a small matrix-vector product) and the
   diagonal is downdated exactly; at the end of the panel each row's G receives all of them in
@@ -50,7 +53,8 @@ from ..hessian import damped_inverse, layer_error
 from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
 from ._damped import damped_hessian, memoised
 
-STACK_BYTES = 256 * 2 ** 20
+STACK_BYTES = 512 * 2 ** 20
+SINGLE_COLS = 1024  # from this width on the G stack is float32 (see the docstring)
 LAZY = 64
 COMPACT = 0.8  # drop removed positions once the active part is this fraction of the matrix
 REFIT_BYTES = 64 * 2 ** 20
@@ -77,23 +81,27 @@ class _Rules:
         return int(np.maximum(self.left - self.keep, 0).sum())
 
 
-def removal_sequences(w, hinv, free, floor, rules, limit, stack_bytes=STACK_BYTES, lazy=LAZY):
+def removal_sequences(w, hinv, free, floor, rules, limit, stack_bytes=STACK_BYTES, lazy=LAZY,
+                      dtype=None):
     """Every row's first `limit` greedy removals: (columns [rows, limit], losses [rows, limit])."""
     rows, cols = w.shape
     limit = min(limit, rules.steps())
+    dtype = np.dtype(dtype or (np.float32 if cols >= SINGLE_COLS else np.float64))
     q_all = np.zeros((rows, limit), dtype=np.int64)
     loss_all = np.zeros((rows, limit))
-    per_block = max(1, min(rows, stack_bytes // max(1, 8 * cols * cols)))
+    per_block = max(1, min(rows, stack_bytes // max(1, dtype.itemsize * cols * cols)))
     for r0 in range(0, rows, per_block):
         r1 = min(rows, r0 + per_block)
-        q_all[r0:r1], loss_all[r0:r1] = _block_sequences(w[r0:r1], hinv, free, floor, rules, limit, lazy)
+        q_all[r0:r1], loss_all[r0:r1] = _block_sequences(w[r0:r1], hinv, free, floor, rules, limit, lazy,
+                                                         dtype)
     return q_all, loss_all
 
 
-def _block_sequences(w, hinv, free, floor, rules, limit, lazy):
+def _block_sequences(w, hinv, free, floor, rules, limit, lazy, dtype):
     n, cols = w.shape
     at = np.arange(n)
-    g = np.broadcast_to(hinv, (n, cols, cols)).copy()  # per row G (deferred downdates aside)
+    syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
+    g = np.broadcast_to(hinv.astype(dtype), (n, cols, cols)).copy()  # per row G (deferred downdates aside)
     cur = np.array(w, dtype=np.float64)
     pos = np.broadcast_to(np.arange(cols), (n, cols)).copy()  # original column of each position
     diag = np.broadcast_to(np.diagonal(hinv), (n, cols)).copy()
@@ -105,7 +113,7 @@ def _block_sequences(w, hinv, free, floor, rules, limit, lazy):
     penalty = np.broadcast_to(closed, (n, cols)).copy()
     score_floor = np.broadcast_to(np.where(free, np.inf, floor), (n, cols)).copy()
     active = np.ones((n, cols), dtype=bool)
-    panel = np.zeros((n, lazy, cols))  # the deferred downdate vectors
+    panel = np.zeros((n, lazy, cols), dtype=dtype)  # the deferred downdate vectors
     q_out = np.zeros((n, limit), dtype=np.int64)
     loss_out = np.zeros((n, limit))
     loss = np.empty((n, cols))
@@ -123,6 +131,7 @@ def _block_sequences(w, hinv, free, floor, rules, limit, lazy):
         col = _row(g, at, p)
         if b:
             col -= np.matmul(panel[at, None, :b, p], panel[:, :b, :])[:, 0, :]
+        col = col.astype(np.float64, copy=False)
         np.copyto(col, 0.0, where=~active)
         piv = np.maximum(col[at, p], floor[q])
         cur -= (cur[at, p] / piv)[:, None] * col
@@ -136,7 +145,7 @@ def _block_sequences(w, hinv, free, floor, rules, limit, lazy):
         b += 1
         if b == lazy and t + 1 < limit:
             for r in range(n):  # g[r] -= panel[r]^T panel[r], lower triangle only
-                blas.dsyrk(-1.0, panel[r].T, beta=1.0, c=g[r].T, trans=0, lower=0, overwrite_c=1)
+                syrk(-1.0, panel[r].T, beta=1.0, c=g[r].T, trans=0, lower=0, overwrite_c=1)
             panel[:] = 0.0
             b = 0
             size = cols - (t + 1)
@@ -147,9 +156,9 @@ def _block_sequences(w, hinv, free, floor, rules, limit, lazy):
                 cur, pos, gid, penalty, score_floor = (np.take_along_axis(a, keep, axis=1)
                                                        for a in (cur, pos, gid, penalty, score_floor))
                 active = np.ones((n, size), dtype=bool)
-                panel = np.zeros((n, lazy, size))
+                panel = np.zeros((n, lazy, size), dtype=dtype)
                 loss = np.empty((n, size))
-            diag = np.diagonal(g, axis1=1, axis2=2).copy()
+            diag = np.diagonal(g, axis1=1, axis2=2).astype(np.float64)
     return q_out, loss_out
 
 

@@ -39,14 +39,12 @@ class Collector:
         self.calib = HessianAccumulator(g.groups, cols, bias)
         self.hold = HessianAccumulator(g.groups, cols, bias)
 
-
-def blocks(h: np.ndarray, cols: int, joint: bool, bias: bool):
-    """(H_p, C, H_d) from a joint Hessian over [x_d, x_p(, 1)], or (H, H, H) from a plain one."""
-    if not joint:
+    def hessians(self, acc: HessianAccumulator):
+        """(H_p, C, H_d) of one of this collector's accumulators; (H, H, H) in independent mode."""
+        if self.joint:
+            return acc.blocks(self.layer.geometry.cols)
+        h = acc.hessian()
         return h, h, h
-    d = list(range(cols)) + ([2 * cols] if bias else [])
-    p = list(range(cols, 2 * cols)) + ([2 * cols] if bias else [])
-    return h[:, p][:, :, p], h[:, d][:, :, p], h[:, d][:, :, d]
 
 
 def _requests(collectors):

@@ -68,21 +68,38 @@ class HessianAccumulator:
 
     def hessian(self) -> np.ndarray:
         """The mean Hessian [groups, c, c], c = cols (+1 with bias), symmetric, float64."""
+        whole = slice(0, self._xx.shape[2])
+        return self._mean_block(whole, whole)
+
+    def blocks(self, split: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(H_p, C, H_d) of a joint accumulator over [x_d (split columns), x_p (split columns)]:
+        mean x_p x_p^T, mean x_d x_p^T and mean x_d x_d^T, each augmented with the bias column.
+        Read straight from the totals' upper triangle, without forming the joint matrix."""
+        d, p = slice(0, split), slice(split, 2 * split)
+        return self._mean_block(p, p), self._mean_block(d, p), self._mean_block(d, d)
+
+    def _mean_block(self, r: slice, c: slice) -> np.ndarray:
+        """The mean of the totals' block [r, c] (square), plus the bias row and column."""
         if self.n == 0:
             raise ValueError("no calibration samples reached this layer")
-        g, c, _ = self._xx.shape
-        k = c + self.bias
+        g = self._xx.shape[0]
+        m = r.stop - r.start
+        k = m + self.bias
         h = np.empty((g, k, k))
-        xx = h[:, :c, :c]
-        # The lower triangle of the totals is 0, so the upper plus its transpose is the full
-        # matrix with the diagonal counted twice.
-        np.add(self._xx, self._xx.transpose(0, 2, 1), out=xx)
-        idx = np.arange(c)
-        xx[:, idx, idx] *= 0.5
+        top = h[:, :m, :m]
+        if r == c:
+            # A diagonal block: its lower triangle in the totals is 0, so the upper plus its
+            # transpose is the full matrix with the diagonal counted twice.
+            u = self._xx[:, r, r]
+            np.add(u, u.transpose(0, 2, 1), out=top)
+            idx = np.arange(m)
+            top[:, idx, idx] *= 0.5
+        else:  # wholly above the diagonal: stored in full
+            top[...] = self._xx[:, r, c]
         if self.bias:
-            h[:, :c, c] = self._x
-            h[:, c, :c] = self._x
-            h[:, c, c] = self.n
+            h[:, :m, m] = self._x[:, r]
+            h[:, m, :m] = self._x[:, c]
+            h[:, m, m] = self.n
         h /= self.n
         return h
 

@@ -13,12 +13,13 @@ import time
 import numpy as np
 from scipy.linalg import LinAlgError
 
-from .activations import Collector, blocks
+from .activations import Collector
 from .errors import LobsError
 from .graph import write_tensor
 from .hessian import damped_solve, layer_error
 from .report import LayerRecord
 from .solvers import Target, get_solver
+from .solvers._damped import FACTOR_OF, times_inverse
 
 # With damp=None each layer takes the dampening, of these, whose result has the lowest layer-wise
 # error on the calibration data: the very quantity L-OBS minimises. A fixed H^-1 is a poor guide
@@ -31,19 +32,24 @@ FIXED_DAMP = {"obc": 0.01}
 W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's unconstrained optimum
 
 
-def target_error(w_new, w_old, hp, c, hd) -> float:
-    """(1/2n) sum ||W' x_p - W x_d||^2 from the joint Hessian's blocks (exact)."""
-    return 0.5 * float(np.sum((w_new @ hp) * w_new) - 2 * np.sum((w_old @ c) * w_new)
-                       + np.sum((w_old @ hd) * w_old))
+class _Objective:
+    """One group's layer-wise error of any W', against the dense W.
 
+    Sequential mode: (1/2n) sum ||W' x_p - W x_d||^2 = 1/2 (<W' H_p, W'> - 2 <W C, W'> + <W H_d, W>),
+    with W C and the constant computed once, so each evaluation costs one product. Independent
+    mode: (1/2n) sum ||(W' - W) x||^2 through H, which keeps its precision when the error is tiny
+    against the output's energy."""
 
-def _error(w_new, w_old, blocks_, k) -> float:
-    """target_error of group k; in independent mode (one matrix for all three blocks) that is
-    layer_error, at a third of the cost."""
-    hp, c, hd = blocks_
-    if hp is c and c is hd:
-        return layer_error(w_old, w_new, hp[k])
-    return target_error(w_new, w_old, hp[k], c[k], hd[k])
+    def __init__(self, w_old, hp, c, hd, joint: bool):
+        self.w_old, self.hp, self.joint = w_old, hp, joint
+        self.wc = w_old @ c if joint else None
+        self.energy = 0.5 * float(np.sum((w_old @ hd) * w_old))  # (1/2n) sum ||W x_d||^2
+
+    def error(self, w_new) -> float:
+        if not self.joint:
+            return layer_error(self.w_old, w_new, self.hp)
+        return (0.5 * float(np.sum((w_new @ self.hp) * w_new)) - float(np.sum(self.wc * w_new))
+                + self.energy)
 
 
 def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
@@ -56,11 +62,10 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     old = adapter.to_matrices(node, weight.astype(np.float64))
     g, rows, cols = old.shape
     old_b = None if bias is None else adapter.bias_vector(node, bias, rows * g)
-    h = c.calib.hessian()
-    if not np.isfinite(h).all():
+    hp, cross, hd = c.hessians(c.calib)
+    if not all(np.isfinite(m).all() for m in {id(m): m for m in (hp, cross, hd)}.values()):
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
-    hp, cross, hd = blocks(h, cols, c.joint, old_b is not None)
     solver = get_solver(config.method)
     protect = np.r_[np.zeros(cols, bool), [True]] if old_b is not None else None
 
@@ -69,24 +74,29 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
 
     new, pruned = np.empty_like(old), np.zeros(old.shape, bool)
     new_b = None if old_b is None else np.empty_like(old_b)
-    predicted, damps, start_err, w0_err = 0.0, [], 0.0, 0.0
+    predicted, damps, start_err, w0_err, objectives = 0.0, [], 0.0, 0.0, []
     # The layer's count, spread over its groups (the first ones take the remainder), so that
     # many small groups (depthwise convs) still reach the layer's target.
     total = int(round(target * g * rows * cols))
     counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
         wk = aug(old, old_b, k)
-        start = wk
+        start, memo = wk, None
+        objectives.append(_Objective(wk, hp[k], cross[k], hd[k], c.joint))
         if c.joint:  # error-correcting start: the best weights for the pruned inputs
-            start = damped_solve(hp[k], W0_DAMP, (wk @ cross[k]).T).T  # H_p is symmetric
+            memo = {}  # shared with the solve below, which needs the same factorisation
+            if config.method in FACTOR_OF and config.damp in (None, W0_DAMP):
+                start = times_inverse(objectives[k].wc, hp[k], W0_DAMP, FACTOR_OF[config.method], memo)
+            else:
+                start = damped_solve(hp[k], W0_DAMP, objectives[k].wc.T).T  # H_p is symmetric
             # Inputs dead on the calibration data leave the objective indifferent to their
             # weights: keep the dense ones rather than the solve's zeros.
             dead = np.diagonal(hp[k]) <= 0
             start[:, dead] = wk[:, dead]
-            start_err += target_error(wk, wk, hp[k], cross[k], hd[k])
-            w0_err += target_error(start, wk, hp[k], cross[k], hd[k])
+            start_err += objectives[k].error(wk)
+            w0_err += objectives[k].error(start)
         try:
-            sol = best_damped(solver, start, hp[k], config, counts[k], protect, nm)
+            sol = best_damped(solver, start, hp[k], config, counts[k], protect, nm, memo)
         except LinAlgError:
             raise LobsError(f"layer {layer.name}: its Hessian could not be regularised (inputs too large "
                             f"or not finite on the calibration data)") from None
@@ -109,14 +119,15 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
         new_b = adapter.bias_vector(node, stored_b, rows * g)
     # Measure with what was actually stored (fp16/bf16 rounding included).
     new = adapter.to_matrices(node, stored.astype(np.float64))
-    held = blocks(c.hold.hessian(), cols, c.joint, old_b is not None) if c.hold.n else None
+    held = c.hessians(c.hold) if c.hold.n else None
     err = energy = hold_err = dense_hold_err = 0.0
     for k in range(g):
         a, b = aug(old, old_b, k), aug(new, new_b, k)
-        err += _error(b, a, (hp, cross, hd), k)
-        energy += 0.5 * float(np.sum((a @ hd[k]) * a))
+        err += objectives[k].error(b)
+        energy += objectives[k].energy
         if held is not None:
-            e = _error(b, a, held, k)
+            e = (_Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if c.joint
+                 else layer_error(a, b, held[0][k]))
             hold_err += e
             dense_hold_err += layer_error(a, b, held[2][k]) if c.joint else e
     # Zero up to rounding can come out a hair below zero.
@@ -133,16 +144,17 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     return mask
 
 
-def best_damped(solver, wk, hk, config, count, protect, nm=None):
+def best_damped(solver, wk, hk, config, count, protect, nm=None, memo=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
     DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix. The grid
     is walked upwards and stops at the first dampening that does worse than the one before:
     the error as a function of the dampening has one valley in practice, and each step costs a
-    factorisation. The winner's factorisation is reused for the final solve.
+    factorisation. The winner's factorisation is reused for the final solve (memo: the
+    factorisations of hk made so far).
     """
-    memo = {}
+    memo = {} if memo is None else memo
 
     def target(w, damp):
         if nm is not None:

@@ -453,3 +453,29 @@ def test_damped_solve_is_the_damped_inverse_applied():
     for damp in (0.0, 0.01, 1.0):
         inv = damped_inverse(h, damp)
         np.testing.assert_allclose(damped_solve(h, damp, rhs), inv.hinv @ rhs, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("groups,cols", [(1, 5), (3, 4), (2, 1)])
+def test_joint_blocks_equal_the_direct_means(groups, cols, bias):
+    """blocks() reads H_p, C and H_d of [x_d, x_p] straight from the totals: the same as the means
+    of the augmented products, and as slicing the whole joint Hessian."""
+    rng = np.random.default_rng(groups * 7 + cols + bias)
+    xd = batches(rng, groups, cols, [9, 4, 11], offset=0.3)
+    xp = [x + 0.2 * rng.standard_normal(x.shape) for x in xd]
+    acc = HessianAccumulator(groups, 2 * cols, bias)
+    for d, p in zip(xd, xp):
+        acc.add(np.concatenate([d, p], axis=2).astype(np.float32))
+    ad, ap = (augmented(np.concatenate(v, axis=1), bias) for v in (xd, xp))
+    n = ad.shape[1]
+    hp, c, hd = acc.blocks(cols)
+    refs = [np.einsum("gni,gnj->gij", a, b) / n for a, b in ((ap, ap), (ad, ap), (ad, ad))]
+    for got, ref in zip((hp, c, hd), refs):
+        assert got.shape == ref.shape
+        assert rel_fro(got, ref) <= 1e-6
+    whole = acc.hessian()
+    d = list(range(cols)) + ([2 * cols] if bias else [])
+    p = list(range(cols, 2 * cols)) + ([2 * cols] if bias else [])
+    np.testing.assert_allclose(hp, whole[:, p][:, :, p], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(c, whole[:, d][:, :, p], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(hd, whole[:, d][:, :, d], rtol=1e-14, atol=0)

@@ -557,7 +557,9 @@ def test_kills_at_random_moments_leave_whole_outputs_or_none(kill_setup, tmp_pat
         time.sleep(delay)
         proc.send_signal(sig)
         proc.communicate(timeout=120)
-        assert proc.returncode in (0, 130, -signal.SIGKILL), proc.returncode  # killed, interrupted or done
+        # killed, interrupted (130; -SIGINT when the signal lands while Python is still importing,
+        # as on a loaded machine) or done
+        assert proc.returncode in (0, 130, -signal.SIGINT, -signal.SIGKILL), proc.returncode
         seen.add(check_output_state(str(tmp_path), inputs))
         for name in ("out.onnx", "out.onnx.data"):
             if os.path.exists(tmp_path / name):

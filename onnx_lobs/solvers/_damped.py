@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import LinAlgError, lapack
 
-from ..hessian import damped_hessian  # noqa: F401  (re-exported: the solvers' one definition)
+from ..hessian import damped_hessian, damped_inverse  # noqa: F401  (damped_hessian: re-exported, the
+# solvers' one definition)
 
 
 @dataclass
@@ -61,3 +62,17 @@ def memoised(memo: dict | None, key: tuple, compute):
     if key not in memo:
         memo[key] = compute()
     return memo[key]
+
+
+# The factorisation each solver memoises for its Hessian (see times_inverse).
+FACTOR_OF = {"sparsegpt": "upper", "lobs": "inverse", "obc": "inverse"}
+
+
+def times_inverse(a: np.ndarray, h: np.ndarray, damp: float, kind: str, memo: dict) -> np.ndarray:
+    """a Hd^-1 from the factorisation of kind `kind` ('upper' or 'inverse'), memoised for the solver
+    that will use it: sequential mode's start W0 = W C Hd^-1 then costs products with a matrix the
+    solve needs anyway, not a Cholesky of its own."""
+    if kind == "upper":
+        u = memoised(memo, ("upper", damp), lambda: inverse_upper_factor(h, damp)).u
+        return (a @ u.T) @ u
+    return a @ memoised(memo, ("inverse", damp), lambda: damped_inverse(h, damp)).hinv

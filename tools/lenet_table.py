@@ -88,7 +88,7 @@ def table(methods, samples) -> str:
     lines.append("")
     lines.append(f"Before any retraining; 10,000-image MNIST test set; calibration on the bundled "
                  f"`mnist_calib.npz` (one in ten held out). Produced by `{cmd}` on {platform.machine()}, "
-                 f"{os.cpu_count()} cores, onnx-lobs {onnx_lobs.__version__}. Seconds include calibration.")
+                 f"{os.cpu_count()} cores, onnx-lobs {onnx_lobs.__version__}. Seconds (wall, calibration included) are indicative: the machine may be shared.")
     return "\n".join(lines)
 
 

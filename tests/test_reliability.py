@@ -471,6 +471,13 @@ HOOK = textwrap.dedent("""
 """)
 
 
+def default_sigint():
+    """In the child: SIGINT back to its default. A test run started in the background by a
+    non-interactive shell (as some CI runners do) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, so the interrupts these tests send would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def anonymous_files_supported(folder) -> bool:
     """O_TMPFILE linked through /proc: what makes a write cut by SIGKILL leave nothing behind."""
     try:
@@ -538,7 +545,7 @@ def test_interrupted_or_killed_runs_leave_no_partial_output(kill_setup, tmp_path
     inputs = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, str(kill_setup / "hook.py"), point, sig, str(nth),
                            "prune", "unet.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--quiet"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert proc.returncode == code, proc.stderr
     if sig == "SIGINT":
         assert proc.stderr.strip().splitlines()[-1] == "onnx-lobs: interrupted" and "Traceback" not in proc.stderr
@@ -553,7 +560,8 @@ def test_kills_at_random_moments_leave_whole_outputs_or_none(kill_setup, tmp_pat
     for delay, sig in ((1.0, signal.SIGKILL), (2.0, signal.SIGINT), (3.0, signal.SIGKILL)):
         proc = subprocess.Popen([sys.executable, "-m", "onnx_lobs", "prune", "unet.onnx", "-o", "out.onnx",
                                  "--calib", "calib.npz", "--quiet", "--method", "obc"],
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=default_sigint)
         time.sleep(delay)
         proc.send_signal(sig)
         proc.communicate(timeout=120)

@@ -26,6 +26,8 @@ from ..hessian import damped_inverse, layer_error
 from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
 from ._damped import memoised
 
+CHUNK_BYTES = 2 ** 18  # the rows one vectorised step handles: about this many bytes per array
+
 
 class _Sequences:
     """Each row's greedy removal sequence, computed lazily as far as the merge needs it."""
@@ -51,7 +53,14 @@ class _Sequences:
             self.left = np.full((rows, groups.shape[0]), groups.shape[1], dtype=np.int64)
 
     def advance(self, rows: np.ndarray, steps: int) -> None:
+        """Each of these rows' next `steps` removals. Rows are independent, so they go in chunks
+        small enough for the cache: a step streams every array of its rows several times."""
         steps = min(steps, self.n_rem - int(self.done[rows].max()))
+        chunk = max(1, CHUNK_BYTES // (8 * self.cur.shape[1]))
+        for i in range(0, len(rows), chunk):
+            self._advance(rows[i:i + chunk], steps)
+
+    def _advance(self, rows: np.ndarray, steps: int) -> None:
         w, penalty = self.cur[rows], self.penalty[rows]
         base = self.done[rows]
         at = np.arange(len(rows))

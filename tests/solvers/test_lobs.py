@@ -383,3 +383,22 @@ def test_solver_registry():
     assert get_solver("magnitude") is magnitude.solve
     with pytest.raises(KeyError):
         get_solver("nope")
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_row_chunks_give_the_same_result_as_one_block(monkeypatch, pattern):
+    """advance() takes rows in cache-sized chunks; down to one row per chunk, nothing changes."""
+    rng = np.random.default_rng(41)
+    x = correlated_samples(rng, 60, 12)
+    w = rng.standard_normal((9, 12))
+    h = hessian_of(x)
+    if pattern is None:
+        target = Target(n_prune=50, damp=0.01)
+    else:
+        target = Target(nm=np.arange(12).reshape(3, 4), nm_keep=2, damp=0.01)
+    whole = lobs.solve(w, h, target)
+    monkeypatch.setattr(lobs, "CHUNK_BYTES", 1)
+    chunked = lobs.solve(w, h, target)
+    np.testing.assert_array_equal(chunked.pruned, whole.pruned)
+    np.testing.assert_allclose(chunked.weights, whole.weights, rtol=0, atol=1e-12)
+    assert chunked.predicted_loss == pytest.approx(whole.predicted_loss, rel=1e-12)

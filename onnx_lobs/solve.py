@@ -63,7 +63,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     g, rows, cols = old.shape
     old_b = None if bias is None else adapter.bias_vector(node, bias, rows * g)
     hp, cross, hd = c.hessians(c.calib)
-    if not all(np.isfinite(m).all() for m in {id(m): m for m in (hp, cross, hd)}.values()):
+    if not all(np.isfinite(m).all() for m in ((hp, cross, hd) if c.joint else (hp,))):
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
     solver = get_solver(config.method)

@@ -107,10 +107,10 @@ def main() -> None:
                       f"{fid['cosine']:7.4f} {fid['top1_agreement']:8.3f}", flush=True)
                 if not args.workdir:
                     os.remove(out)
-        if args.json_path:
-            with open(args.json_path, "w") as f:
-                json.dump({"model": args.model, "samples": args.samples, "held_out": args.held_out,
-                           "extra": args.extra, "rows": rows}, f, indent=2)
+                if args.json_path:  # after every row: an obc run on a big model can take hours
+                    with open(args.json_path, "w") as f:
+                        json.dump({"model": args.model, "samples": args.samples, "held_out": args.held_out,
+                                   "extra": args.extra, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

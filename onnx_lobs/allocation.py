@@ -15,6 +15,10 @@ from .graph import Layer, matches
 from .hessian import damped_inverse
 
 FEW_INPUTS = 16  # a first layer reading fewer input channels than this is left dense by default
+# Ops that exporters put between the image and the stem (NHWC->NCHW, normalisation, padding, casts):
+# a layer reading their output still reads the raw input.
+PREPROCESSING = {"Identity", "Cast", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Pad",
+                 "Sub", "Add", "Mul", "Div", "Slice"}
 CURVE_DAMP = 0.01
 
 
@@ -25,6 +29,19 @@ def explicit_sparsity(layer: Layer, layer_sparsity: dict) -> float | None:
         if matches(layer, pattern):
             value = s
     return value
+
+
+def input_derived(graph) -> set[str]:
+    """Names of the graph inputs and of tensors computed from them by preprocessing ops alone."""
+    consts = {t.name for t in graph.initializer}
+    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    derived = {i.name for i in graph.input} - consts
+    for node in graph.node:  # nodes are stored in topological order
+        ins = [x for x in node.input if x]
+        if (node.op_type in PREPROCESSING and any(x in derived for x in ins)
+                and all(x in derived or x in consts for x in ins)):
+            derived.update(node.output)
+    return derived
 
 
 def default_exclusion(layer: Layer, graph_inputs: set[str]) -> str | None:

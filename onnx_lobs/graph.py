@@ -20,7 +20,7 @@ from onnx.external_data_helper import load_external_data_for_model, set_external
 
 from .atomic import publish
 from .errors import LobsError
-from .layers import ADAPTERS, WEIGHTED_OPS, Geometry
+from .layers import ADAPTERS, UNSUPPORTED_WEIGHTED, WEIGHTED_OPS, Geometry
 
 FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                TensorProto.BFLOAT16: "bfloat16", TensorProto.DOUBLE: "float64"}
@@ -337,6 +337,9 @@ def find_layers(loaded: LoadedModel) -> tuple[list[Layer], list[Skipped]]:
             index += 1
             if node.op_type in WEIGHTED_OPS:
                 _classify(node, label, scope)
+            elif node.op_type in UNSUPPORTED_WEIGHTED and node_consts[id(node)]:
+                first = node.input[min(node_consts[id(node)])]
+                skipped.append(Skipped(label, node.op_type, first, UNSUPPORTED_WEIGHTED[node.op_type]))
             for a in node.attribute:
                 subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
                 for sub in subs:

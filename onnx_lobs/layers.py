@@ -399,6 +399,12 @@ ADAPTERS = {a.op: a for a in (Gemm(), MatMul(), Conv(), ConvTranspose())}
 # Ops that carry weights we could in principle prune, so inspect() explains why it leaves them.
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
                 "QLinearConv", "QLinearMatMul"}
+# Ops that carry weights we do not prune yet; listed as skipped only when they hold a constant, so a
+# user sees every weight the tool left alone (an Einsum of two activations holds none).
+UNSUPPORTED_WEIGHTED = {"LSTM": "recurrent layer (LSTM) is not supported yet",
+                        "GRU": "recurrent layer (GRU) is not supported yet",
+                        "RNN": "recurrent layer (RNN) is not supported yet",
+                        "Einsum": "Einsum is not supported yet; export the layer as MatMul or Gemm"}
 
 
 def unfold(adapter, node, x, weight_shape) -> Iterator[np.ndarray]:

@@ -13,7 +13,7 @@ import onnx
 
 from . import __version__
 from .activations import Collector, PassResult, Session, collect
-from .allocation import allocate, default_exclusion, explicit_sparsity, removal_costs
+from .allocation import allocate, default_exclusion, explicit_sparsity, input_derived, removal_costs
 from .calibration import make_session, open_source, run
 from .errors import LobsError
 from .evaluate import Fidelity
@@ -140,7 +140,7 @@ def _load(model) -> LoadedModel:
 def _plan(loaded, layers, skipped, config):
     """Records for every layer found or skipped, and the work list with each layer's target."""
     records, work = [], []
-    graph_inputs = {i.name for i in loaded.model.graph.input}
+    graph_inputs = input_derived(loaded.model.graph)
     for layer in layers:
         g = layer.geometry
         rec = LayerRecord(layer.name, layer.op, layer.weight_name, g.rows * g.groups, g.cols, g.groups,

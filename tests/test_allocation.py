@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from onnx_lobs import LobsError, PruneConfig, prune
-from onnx_lobs.allocation import allocate, removal_costs
+from onnx_lobs.allocation import allocate, input_derived, removal_costs
 from onnx_lobs.hessian import damped_inverse
-from tests.builders import mlp, small_cnn
+from tests.builders import mlp, small_cnn, tensor, vi
 
 
 def test_allocate_takes_the_globally_cheapest():
@@ -45,6 +47,26 @@ def test_first_layer_with_few_inputs_is_left_dense_by_default():
     assert recs["conv1"].sparsity == pytest.approx(0.3, abs=0.01)
     recs = {r.name: r for r in prune(model, {"x": x}, PruneConfig(default_exclude=False)).report.layers}
     assert recs["conv1"].sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_stem_behind_layout_and_normalisation_ops_is_still_a_first_layer():
+    """Keras/TF exports put Transpose (NHWC->NCHW), Sub/Div normalisation and Pad before the stem."""
+    rng = np.random.default_rng(2)
+    model = small_cnn(rng)
+    g = model.graph
+    g.input[0].CopyFrom(vi("x_nhwc", TensorProto.FLOAT, ["N", 8, 8, 2]))
+    g.initializer.extend([tensor("mean", np.float32(0.5)), tensor("std", np.float32(0.25))])
+    pre = [helper.make_node("Transpose", ["x_nhwc"], ["t"], perm=[0, 3, 1, 2]),
+           helper.make_node("Sub", ["t", "mean"], ["centred"]),
+           helper.make_node("Div", ["centred", "std"], ["x"])]
+    for i, node in enumerate(pre):
+        g.node.insert(i, node)
+    onnx.checker.check_model(model)
+    assert {"x_nhwc", "t", "centred", "x"} <= input_derived(g)
+    x = rng.standard_normal((60, 8, 8, 2)).astype(np.float32)
+    recs = {r.name: r for r in prune(model, {"x_nhwc": x}).report.layers}
+    assert recs["conv1"].skipped.startswith("default exclusion: first layer with only 2 input channel")
+    assert recs["dwconv"].skipped is None  # reads a Conv's output, not a preprocessed input
 
 
 def test_global_reaches_the_overall_sparsity():

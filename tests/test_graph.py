@@ -72,6 +72,29 @@ def test_skip_reasons():
     assert "quantized" in reasons["quant"]
 
 
+def test_recurrent_and_einsum_weights_are_listed_as_skipped():
+    rng = np.random.default_rng(0)
+    h, d = 3, 4
+    nodes = [helper.make_node("LSTM", ["x", "Wl", "Rl"], ["y"], name="lstm", hidden_size=h),
+             helper.make_node("GRU", ["x", "Wg", "Rg"], ["g"], name="gru", hidden_size=h),
+             helper.make_node("Einsum", ["x2", "We"], ["e"], name="proj", equation="ij,jk->ik"),
+             helper.make_node("Einsum", ["x2", "x2"], ["f"], name="gram", equation="ij,kj->ik")]
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, [2, 1, d]), vi("x2", TensorProto.FLOAT, [2, d])],
+                       [vi("y", TensorProto.FLOAT, [2, 1, 1, h]), vi("g", TensorProto.FLOAT, [2, 1, 1, h]),
+                        vi("e", TensorProto.FLOAT, [2, 5]), vi("f", TensorProto.FLOAT, [2, 2])],
+                       [tensor("Wl", f32(1, 4 * h, d)), tensor("Rl", f32(1, 4 * h, h)),
+                        tensor("Wg", f32(1, 3 * h, d)), tensor("Rg", f32(1, 3 * h, h)), tensor("We", f32(d, 5))])
+    onnx.checker.check_model(model)
+    layers, skipped = layers_of(model)
+    assert layers == []
+    got = {s.name: (s.op, s.weight, s.reason) for s in skipped}
+    assert set(got) == {"lstm", "gru", "proj"}  # an Einsum of two activations holds no weight
+    assert got["lstm"][:2] == ("LSTM", "Wl") and "LSTM" in got["lstm"][2]
+    assert got["gru"][:2] == ("GRU", "Wg") and "not supported" in got["gru"][2]
+    assert got["proj"][:2] == ("Einsum", "We") and "MatMul" in got["proj"][2]
+
+
 def test_shared_weights():
     layers, skipped = layers_of(subgraphs.shared_model(np.random.default_rng(0)))
     assert len(layers) == 1 and len(layers[0].uses) == 2

@@ -18,7 +18,7 @@ from onnx import AttributeProto, ModelProto, numpy_helper
 
 # Ops that carry a weight, and which input holds it.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "ConvInteger": 1, "MatMulInteger": 1,
-                "QLinearConv": 3, "QLinearMatMul": 3}
+                "QLinearConv": 3, "QLinearMatMul": 3, "LSTM": 1, "GRU": 1, "RNN": 1}
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 # Nodes with constant inputs whose output is still not a constant.
 NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -362,7 +362,7 @@ def make_session(model: onnx.ModelProto, origin: str | None = None) -> ort.Infer
             del copy
             return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise LobsError(f"{origin + ': ' if origin else ''}onnxruntime cannot load the model: {_first_line(e)}") \
+        raise LobsError(f"{origin + ': ' if origin else ''}onnxruntime cannot load the model: {first_line(e)}") \
             from None
 
 
@@ -370,9 +370,10 @@ def run(session: ort.InferenceSession, names: list[str], feed: dict, origin: str
     try:
         return session.run(names, feed)
     except Exception as e:
-        raise LobsError(f"{origin}: onnxruntime failed: {_first_line(e)}") from None
+        raise LobsError(f"{origin}: onnxruntime failed: {first_line(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an error (onnxruntime and torch messages run to pages), cut to 300 characters."""
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__

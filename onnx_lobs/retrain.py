@@ -13,12 +13,10 @@ so the rest of the package never loads them.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
@@ -29,13 +27,13 @@ from .calibration import ArraySource, input_specs, make_session, open_source, ru
 from .errors import LobsError
 from .graph import LoadedModel, find_layers, load_model, model_inputs
 from .report import _clean, versions
+from .roundtrip import check_conversion, check_export, convert, export, first_line, outputs, tensors
 
 INSTALL_HINT = "pip install 'onnx-lobs[retrain]'"
 DEFAULT_LR = 2e-3  # Adam, cosine-decayed to 0 over the run: chosen by held-out loss, docs/paper_table.md
 HOLDOUT_FRACTION, HOLDOUT_MAX = 10, 1000  # as for calibration: one in ten, at most 1,000
 CURVE_POINTS = 50  # loss-curve entries in the report
 METADATA_KEY = "onnx_lobs.retrain"
-MIN_OPSET, MAX_OPSET = 7, 20  # what the TorchScript exporter writes
 
 
 @dataclass
@@ -84,12 +82,12 @@ def require_torch():
     try:
         import torch
     except Exception as e:
-        raise LobsError(f"retraining needs PyTorch, which is not installed ({_first_line(e)}): "
+        raise LobsError(f"retraining needs PyTorch, which is not installed ({first_line(e)}): "
                         f"{INSTALL_HINT}") from None
     try:
         import onnx2torch
     except Exception as e:  # a torchvision built for another torch fails with RuntimeError, not ImportError
-        raise LobsError(f"retraining needs onnx2torch, which does not import ({_first_line(e)}): "
+        raise LobsError(f"retraining needs onnx2torch, which does not import ({first_line(e)}): "
                         f"{INSTALL_HINT}") from None
     return torch, onnx2torch
 
@@ -125,11 +123,11 @@ def retrain(pruned, data, *, labels: str | None = None, teacher=None, iterations
         iterations = max(1, math.ceil((epochs or 1.0) * len(train_idx) / batch_size))
 
     torch.manual_seed(seed)
-    gm = _convert(loaded)
+    gm = convert(loaded)
     held = _hold_zeros(gm, loaded)
     timings = {"convert": time.perf_counter() - t0}
     check_idx = held_idx if h else train_idx[:256]
-    _check_conversion(gm, loaded, arrays, check_idx)
+    check_conversion(gm, loaded, arrays, check_idx)
     teach = _Teacher(teacher_loaded, loaded.model) if teacher_loaded else None
     loss_fn = _Loss(loaded.model, targets, teach)
 
@@ -140,10 +138,10 @@ def retrain(pruned, data, *, labels: str | None = None, teacher=None, iterations
     after = _metrics(gm, arrays, held_idx, loss_fn)
 
     t = time.perf_counter()
-    model = _export(gm, loaded.model, arrays, check_idx)
+    model = export(gm, loaded.model, arrays, check_idx)
     timings["export"] = time.perf_counter() - t
     t = time.perf_counter()
-    checks = _check_export(loaded, model, gm, held, arrays, check_idx)
+    checks = check_export(loaded, model, gm, held, arrays, check_idx)
     timings["check"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -194,35 +192,6 @@ def _training_data(data, model, labels):
 
 
 # ----------------------------------------------------------------------------- torch side
-
-def _convert(loaded: LoadedModel):
-    """onnx2torch's graph module, after listing in one line every op it has no converter for."""
-    from onnx2torch import convert
-    from onnx2torch.node_converters import get_converter
-
-    opsets = {o.domain or "": o.version for o in loaded.model.opset_import}
-    missing = {}
-    for node in loaded.model.graph.node:
-        try:
-            get_converter(operation_type=node.op_type, version=opsets.get(node.domain or "", 1),
-                          domain=node.domain or "")
-        except NotImplementedError:
-            key = node.op_type + (f" (domain {node.domain})" if node.domain else "")
-            missing[key] = missing.get(key, 0) + 1
-    if missing:
-        ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(missing.items()))
-        raise LobsError(f"{loaded.path}: onnx2torch cannot convert these ops: {ops}; "
-                        "retraining needs a model it can convert")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(loaded.model)
-    try:
-        gm = convert(copy, attach_onnx_mapping=True)
-    except Exception as e:
-        raise LobsError(f"{loaded.path}: onnx2torch cannot convert it ({type(e).__name__}: "
-                        f"{_first_line(e)})") from None
-    gm.eval()  # an inference graph: no dropout, batch-norm statistics stay as exported
-    return gm
-
 
 def _hold_zeros(gm, loaded: LoadedModel) -> list[_Held]:
     """Make every prunable layer's weight (and a bias held in a buffer) a Parameter, with its mask.
@@ -307,49 +276,6 @@ def _parameter(gm, fx, node, index: int, layer: str, required: bool = True):
         value = nn.Parameter(value.detach().clone())
         owner.register_parameter(attr, value)
     return owner, attr, value
-
-
-def _tensors(arrays: dict, idx) -> list:
-    import torch
-
-    return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in arrays.values()]
-
-
-def _outputs(out) -> list:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def _torch_outputs(gm, arrays, idx) -> list[np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        return [o.numpy() for o in _outputs(gm(*_tensors(arrays, idx)))]
-
-
-def _max_diff(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    """max |out - ref| relative to the outputs' scale, over every output; inf on a shape mismatch."""
-    worst = 0.0
-    for r, o in zip(ref, out):
-        if r.shape != o.shape:
-            return math.inf
-        scale = 1.0 + float(np.max(np.abs(r))) if r.size else 1.0
-        worst = max(worst, float(np.max(np.abs(r.astype(np.float64) - o))) / scale if r.size else 0.0)
-    return worst if len(ref) == len(out) else math.inf
-
-
-TOLERANCE = 1e-4  # torch against onnxruntime, relative to 1 + the largest output
-
-
-def _check_conversion(gm, loaded: LoadedModel, arrays, idx) -> None:
-    """onnx2torch's model must compute what onnxruntime computes, before any training."""
-    idx = idx[:256]
-    sess = make_session(loaded.model)
-    ref = run(sess, [o.name for o in loaded.model.graph.output], {k: a[idx] for k, a in arrays.items()},
-              loaded.path)
-    diff = _max_diff(ref, _torch_outputs(gm, arrays, idx))
-    if not diff <= TOLERANCE:
-        raise LobsError(f"{loaded.path}: onnx2torch's conversion does not compute what onnxruntime does "
-                        f"(relative difference {diff:.3g}); it cannot be retrained faithfully")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -455,7 +381,7 @@ def _metrics(gm, arrays, idx, loss_fn: _Loss, chunk: int = 1000) -> dict:
     with torch.no_grad():
         for i in range(0, len(idx), chunk):
             b = idx[i:i + chunk]
-            for k, v in loss_fn.metrics(_outputs(gm(*_tensors(arrays, b))), loss_fn.target(arrays, b)).items():
+            for k, v in loss_fn.metrics(outputs(gm(*tensors(arrays, b))), loss_fn.target(arrays, b)).items():
                 sums[k] = sums.get(k, 0) + v
     return {k: v / len(idx) for k, v in sums.items()}
 
@@ -482,7 +408,7 @@ def _train(gm, held: list[_Held], arrays, idx, loss_fn: _Loss, iterations, batch
                 if it == iterations:
                     break
                 b = idx[batch.numpy()]
-                loss = loss_fn(_outputs(gm(*_tensors(arrays, b))), loss_fn.target(arrays, b))
+                loss = loss_fn(outputs(gm(*tensors(arrays, b))), loss_fn.target(arrays, b))
                 if not torch.isfinite(loss):
                     raise LobsError(f"retraining diverged at iteration {it + 1} (loss {float(loss)}): "
                                     "use a lower learning rate")
@@ -511,120 +437,6 @@ def _train(gm, held: list[_Held], arrays, idx, loss_fn: _Loss, iterations, batch
     return curve
 
 
-# ----------------------------------------------------------------------------- export and checks
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
-
-
-def _export(gm, pruned: onnx.ModelProto, arrays, idx) -> onnx.ModelProto:
-    """torch.onnx.export with the TorchScript exporter, at the pruned model's opset and names.
-
-    The TorchScript exporter writes any opset from 7 to 20, initializers and Gemm/Conv nodes like
-    the exporters that made most models we see; the dynamo exporter starts at opset 18 and needs
-    onnxscript, so it would change the opset of older models.
-    """
-    import torch
-
-    dynamic = {}
-    for vi in list(model_inputs(pruned)) + list(pruned.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        axes = {k: d.dim_param or f"{vi.name}_dim{k}" for k, d in enumerate(dims) if not d.HasField("dim_value")}
-        if axes:
-            dynamic[vi.name] = axes
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's deprecation notes: the choice is deliberate
-            torch.onnx.export(gm, tuple(_tensors(arrays, idx[:2])), buffer,
-                              input_names=[i.name for i in model_inputs(pruned)],
-                              output_names=[o.name for o in pruned.graph.output], dynamic_axes=dynamic or None,
-                              opset_version=min(max(_opset(pruned), MIN_OPSET), MAX_OPSET),
-                              do_constant_folding=True, dynamo=False)
-    except Exception as e:
-        raise LobsError(f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from None
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def _check_export(pruned: LoadedModel, model: onnx.ModelProto, gm, held: list[_Held], arrays, idx) -> dict:
-    """Interface and opset, every layer's zeros, onnxruntime against torch; a failure is one line."""
-    def fail(why):
-        raise LobsError(f"the retrained model fails its check: {why}; nothing written")
-
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        fail(f"onnx.checker: {_first_line(e)}")
-    for what, a, b in (("input", model_inputs(pruned.model), model_inputs(model)),
-                       ("output", pruned.model.graph.output, model.graph.output)):
-        if [v.name for v in a] != [v.name for v in b]:
-            fail(f"{what}s {[v.name for v in b]} differ from the pruned model's {[v.name for v in a]}")
-        for va, vb in zip(a, b):
-            why = _interface_difference(va, vb)
-            if why:
-                fail(f"{what} '{va.name}' {why}")
-    if _opset(model) > _opset(pruned.model):
-        fail(f"opset {_opset(model)} is newer than the pruned model's {_opset(pruned.model)}")
-    kept, new = _check_zeros(pruned, model, fail)
-    idx = idx[:256]
-    diff = _max_diff(_torch_outputs(gm, arrays, idx),
-                     run(make_session(model), [o.name for o in model.graph.output],
-                         {k: a[idx] for k, a in arrays.items()}, "retrained model"))
-    if not diff <= TOLERANCE:
-        fail(f"onnxruntime differs from torch by {diff:.3g} (relative)")
-    return {"inputs_outputs": "same names, types and shapes", "opset": [_opset(pruned.model), _opset(model)],
-            "layers": len(held), "zeros_kept": kept, "new_zeros": new, "samples_compared": int(len(idx)),
-            "onnxruntime_vs_torch": diff}
-
-
-def _interface_difference(a: onnx.ValueInfoProto, b: onnx.ValueInfoProto) -> str | None:
-    ta, tb = a.type.tensor_type, b.type.tensor_type
-    if ta.elem_type != tb.elem_type:
-        return f"has type {tb.elem_type}, the pruned model {ta.elem_type}"
-    if not ta.HasField("shape") or not tb.HasField("shape"):
-        return None
-    da, db = list(ta.shape.dim), list(tb.shape.dim)
-    if len(da) != len(db):
-        return f"has rank {len(db)}, the pruned model {len(da)}"
-    for k, (x, y) in enumerate(zip(da, db)):
-        fixed_a, fixed_b = x.HasField("dim_value"), y.HasField("dim_value")
-        if fixed_a != fixed_b or (fixed_a and x.dim_value != y.dim_value):
-            return (f"axis {k} is {y.dim_value if fixed_b else 'dynamic'}, "
-                    f"the pruned model's {x.dim_value if fixed_a else 'dynamic'}")
-    return None
-
-
-def _check_zeros(pruned: LoadedModel, model: onnx.ModelProto, fail) -> tuple[int, int]:
-    """Every prunable layer's zeros, found again in the exported model by order, kind and shape.
-
-    Weights are compared as the adapters' matrices (rows = outputs), so a Gemm weight that became
-    a Linear (transposed) or a MatMul still lines up.
-    """
-    ours, _ = find_layers(pruned)
-    theirs, _ = find_layers(LoadedModel(model, "<retrained>"))
-    kept = new = j = 0
-    for layer in ours:
-        want = _matrices(layer) == 0
-        while j < len(theirs) and not (_kind(theirs[j]) == _kind(layer)
-                                       and _matrices(theirs[j]).shape == want.shape):
-            j += 1
-        if j == len(theirs):
-            fail(f"layer {layer.name} ({layer.op} {list(layer.shape)}) not found in the exported model")
-        have = _matrices(theirs[j]) == 0
-        if not have[want].all():
-            fail(f"layer {layer.name}: {int(np.sum(want & ~have))} of its zeros are no longer zero")
-        kept, new, j = kept + int(want.sum()), new + int(np.sum(have & ~want)), j + 1
-    return kept, new
-
-
-def _matrices(layer) -> np.ndarray:
-    return layer.adapter.to_matrices(layer.uses[0].node, layer.read())
-
-
-def _kind(layer) -> str:
-    return "conv" if layer.op.startswith("Conv") else "dense"
-
-
 def _stamp(model: onnx.ModelProto, pruned: onnx.ModelProto, report: RetrainReport) -> None:
     """Keep the pruned model's metadata and add one entry for the retraining."""
     from . import __version__
@@ -637,7 +449,3 @@ def _stamp(model: onnx.ModelProto, pruned: onnx.ModelProto, report: RetrainRepor
              "batch_size": report.batch_size, "lr": report.lr, "seed": report.seed}
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(value, sort_keys=True))
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -33,12 +33,14 @@ def explicit_sparsity(layer: Layer, layer_sparsity: dict) -> float | None:
 
 def input_derived(graph) -> set[str]:
     """Names of the graph inputs and of tensors computed from them by preprocessing ops alone."""
-    consts = {t.name for t in graph.initializer}
-    consts |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    consts = {t.name for t in graph.initializer}  # constants, and shapes of anything (a dynamic Reshape's)
     derived = {i.name for i in graph.input} - consts
     for node in graph.node:  # nodes are stored in topological order
         ins = [x for x in node.input if x]
-        if (node.op_type in PREPROCESSING and any(x in derived for x in ins)
+        if node.op_type in ("Constant", "Shape", "Size") or (ins and all(x in consts for x in ins)
+                                                              and not node.op_type.startswith("Random")):
+            consts.update(node.output)
+        elif (node.op_type in PREPROCESSING and any(x in derived for x in ins)
                 and all(x in derived or x in consts for x in ins)):
             derived.update(node.output)
     return derived

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx_lobs import LobsError, PruneConfig, prune
 from onnx_lobs.allocation import allocate, input_derived, removal_costs
 from onnx_lobs.hessian import damped_inverse
-from tests.builders import mlp, small_cnn, tensor, vi
+from tests.builders import make_model, mlp, small_cnn, tensor, vi
 
 
 def test_allocate_takes_the_globally_cheapest():
@@ -63,6 +63,16 @@ def test_stem_behind_layout_and_normalisation_ops_is_still_a_first_layer():
         g.node.insert(i, node)
     onnx.checker.check_model(model)
     assert {"x_nhwc", "t", "centred", "x"} <= input_derived(g)
+    # a dynamic flatten (Shape -> Gather -> Concat -> Reshape) keeps the raw input; a Conv's output does not
+    flat = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+            helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+            helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["x", "shape"], ["xf"]), helper.make_node("Reshape", ["c1", "shape"], ["cf"])]
+    probe = make_model(list(g.node) + flat, [g.input[0]], [vi("xf", shape=["N", 128]), vi("cf", shape=["N", 384])],
+                       list(g.initializer) + [tensor("zero", np.int64(0)), tensor("zero1", np.array([0], np.int64)),
+                                              tensor("minus1", np.array([-1], np.int64))])
+    seen = input_derived(probe.graph)
+    assert "xf" in seen and "cf" not in seen and "shape" not in seen
     x = rng.standard_normal((60, 8, 8, 2)).astype(np.float32)
     recs = {r.name: r for r in prune(model, {"x_nhwc": x}).report.layers}
     assert recs["conv1"].skipped.startswith("default exclusion: first layer with only 2 input channel")

@@ -46,14 +46,14 @@ def input_derived(graph) -> set[str]:
     return derived
 
 
-def default_exclusion(layer: Layer, graph_inputs: set[str]) -> str | None:
+def default_exclusion(layer: Layer, raw_inputs: set[str]) -> str | None:
     """Why a layer is left dense unless asked for: a first layer with very few inputs.
 
     Such layers (an RGB or grayscale stem) hold few weights, and every output depends on each
-    of them, so pruning them saves little and costs much.
+    of them, so pruning them saves little and costs much. raw_inputs is input_derived()'s set.
     """
     fan_in = layer.shape[1] if layer.op == "Conv" else layer.geometry.cols
-    first = all(u.x in graph_inputs and not u.x_scope for u in layer.uses)
+    first = all(u.x in raw_inputs and not u.x_scope for u in layer.uses)
     if first and fan_in < FEW_INPUTS:
         return (f"default exclusion: first layer with only {fan_in} input channel(s) "
                 f"(--layer-sparsity or --no-default-exclude prunes it)")

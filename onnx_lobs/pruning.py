@@ -140,7 +140,7 @@ def _load(model) -> LoadedModel:
 def _plan(loaded, layers, skipped, config):
     """Records for every layer found or skipped, and the work list with each layer's target."""
     records, work = [], []
-    graph_inputs = input_derived(loaded.model.graph)
+    raw_inputs = input_derived(loaded.model.graph)
     for layer in layers:
         g = layer.geometry
         rec = LayerRecord(layer.name, layer.op, layer.weight_name, g.rows * g.groups, g.cols, g.groups,
@@ -149,7 +149,7 @@ def _plan(loaded, layers, skipped, config):
         pattern = next((p for p in config.exclude if matches(layer, p)), None)
         explicit = explicit_sparsity(layer, config.layer_sparsity)
         rec.skipped = (f"excluded by '{pattern}'" if pattern is not None
-                       else default_exclusion(layer, graph_inputs)
+                       else default_exclusion(layer, raw_inputs)
                        if config.default_exclude and explicit is None else None)
         nm = None
         if rec.skipped is None and config.pattern is not None:

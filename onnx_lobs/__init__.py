@@ -6,11 +6,11 @@
     print(result.report.to_json())
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402,F401
 from .errors import LobsError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .graph import find_layers, load_model, save_model  # noqa: E402
+from .graph import find_layers  # noqa: E402
+from .modelio import load_model, save_model  # noqa: E402
 from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
 from .retrain import RetrainResult, retrain  # noqa: E402  (imports torch only when called)
 

@@ -1,4 +1,5 @@
-"""One pass of calibration data through onnxruntime, every wanted layer input folded into Hessians.
+"""Calibration passes: layer inputs exposed as extra outputs, one pass of the data through
+onnxruntime, every wanted layer input folded into its layer's Hessians.
 
 Independent mode runs the dense model once and accumulates H = mean x x^T per layer. Sequential
 mode runs the dense model and the model as pruned so far side by side, and accumulates the joint
@@ -14,14 +15,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import ModelProto
 from tqdm import tqdm
 
-from .calibration import make_session, run
+from . import rewrite
+from .calibration import DataSource
 from .graph import Layer
-from .topology import expose
 from .hessian import HessianAccumulator
+from .index import address, read_ir
 from .layers import unfold
+from .rewrite.expose import ExposeValue, Request
+from .runtime import make_session, run
 
+
+# ----------------------------------------------------------------------------- exposing activations
+
+def expose(model: ModelProto, tensors: list[tuple[str, tuple, np.dtype]]) -> tuple[ModelProto, dict]:
+    """A copy of the model whose outputs also carry each (name, scope, dtype) tensor, and where
+    each shows up (rewrite/expose.py), keyed by (name, address of the scope)."""
+    m = read_ir(model)
+    result = {}
+    for name, scope, dtype in tensors:
+        key = (name, address(scope))
+        if key not in result:
+            result[key] = rewrite.apply(ExposeValue(), m, Request(name, key[1], np.dtype(dtype)))
+    return rewrite.to_proto(m, model), result
+
+
+# ----------------------------------------------------------------------------- passes
 
 @dataclass(eq=False)
 class Collector:
@@ -33,11 +54,27 @@ class Collector:
     hold: HessianAccumulator = field(init=False)
 
     def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty accumulators sized by the layer's geometry as it is now (a rewrite may change it)."""
         g = self.layer.geometry
         cols = g.cols * (2 if self.joint else 1)
         bias = self.layer.bias is not None
         self.calib = HessianAccumulator(g.groups, cols, bias)
         self.hold = HessianAccumulator(g.groups, cols, bias)
+
+    def fold(self, held: bool, node, xd: np.ndarray, xp: np.ndarray | None) -> None:
+        """One use's input batch (dense, and pruned in joint mode) into the accumulator."""
+        acc = self.hold if held else self.calib
+        adapter, shape = self.layer.adapter, self.layer.shape
+        cols_d = unfold(adapter, node, xd, shape)
+        if xp is None:
+            for cols in cols_d:
+                acc.add(cols)
+            return
+        for cd, cp in zip(cols_d, unfold(adapter, node, xp, shape)):
+            acc.add(np.concatenate([cd, cp], axis=2))
 
     def hessians(self, acc: HessianAccumulator):
         """(H_p, C, H_d) of one of this collector's accumulators; (H, H, H) in independent mode."""
@@ -56,7 +93,7 @@ def _requests(collectors):
 
 
 def _key(u):
-    return (u.x, tuple((id(n), a) for n, a in u.x_scope))
+    return (u.x, address(u.x_scope))
 
 
 class Session:
@@ -90,29 +127,43 @@ class PassResult:
     held_dense: list
 
 
-def collect(dense: Session, pruned: Session | None, collectors: list[Collector], source, config,
-            timings: dict, keep_held: bool, label: str = "calibrating") -> PassResult:
+@dataclass(frozen=True)
+class Reading:
+    """How a pass reads its source: feeds of batch_size, at most `samples`, a bar or not."""
+
+    batch_size: int
+    samples: int | None = None
+    progress: bool = False
+
+    def bar(self, label: str, total: int | None = None) -> tqdm:
+        return tqdm(desc=label, unit="sample", total=total, disable=None if self.progress else True,
+                    file=sys.stderr, leave=False)
+
+
+def add_time(timings: dict, phase: str, since: float) -> None:
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - since
+
+
+def collect(dense: Session, pruned: Session | None, collectors: list[Collector], source: DataSource,
+            reading: Reading, timings: dict, keep_held: bool, label: str = "calibrating") -> PassResult:
     """Stream the data once; fold each batch's layer inputs into the collectors' accumulators."""
     samples = {"calibration": 0, "held_out": 0}
     held_feeds, held_dense = [], []
-    origin = getattr(source, "origin", "calibration data")
-    bar = tqdm(desc=label, unit="sample", disable=None if config.progress else True, file=sys.stderr, leave=False)
+    bar = reading.bar(label)
     try:
-        for feed, held in source.batches(config.batch_size, config.samples):
+        for feed, held in source.batches(reading.batch_size, reading.samples):
             t = time.perf_counter()
-            outs, dense_values = dense.run(feed, origin, keep_held and held, collectors)
-            pruned_values = pruned.run(feed, origin, False, collectors)[1] if pruned is not None else None
-            timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
+            outs, dense_values = dense.run(feed, source.origin, keep_held and held, collectors)
+            pruned_values = pruned.run(feed, source.origin, False, collectors)[1] if pruned is not None else None
+            add_time(timings, "forward", t)
             t = time.perf_counter()
             for c in collectors:
-                acc = c.hold if held else c.calib
                 xs = dense.inputs_of(dense_values, c)
                 xps = pruned.inputs_of(pruned_values, c) if pruned is not None else [None] * len(xs)
                 for u, xd, xp in zip(c.layer.uses, xs, xps):
-                    _fold(acc, c.layer, u.node, xd, xp)
-            timings["hessian"] = timings.get("hessian", 0.0) + time.perf_counter() - t
-            first = next(iter(feed.values()))
-            n = source.count(feed) if hasattr(source, "count") else (first.shape[0] if first.ndim else 1)
+                    c.fold(held, u.node, xd, xp)
+            add_time(timings, "hessian", t)
+            n = source.count(feed)
             samples["held_out" if held else "calibration"] += n
             if held and keep_held:
                 held_feeds.append(feed)
@@ -121,13 +172,3 @@ def collect(dense: Session, pruned: Session | None, collectors: list[Collector],
     finally:
         bar.close()
     return PassResult(samples, held_feeds, held_dense)
-
-
-def _fold(acc, layer, node, xd, xp):
-    cols_d = unfold(layer.adapter, node, xd, layer.shape)
-    if xp is None:
-        for cols in cols_d:
-            acc.add(cols)
-        return
-    for cd, cp in zip(cols_d, unfold(layer.adapter, node, xp, layer.shape)):
-        acc.add(np.concatenate([cd, cp], axis=2))

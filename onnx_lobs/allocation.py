@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Layer, matches
+from .index import GraphIndex
 from .hessian import damped_inverse
 
 FEW_INPUTS = 16  # a first layer reading fewer input channels than this is left dense by default
@@ -31,19 +32,21 @@ def explicit_sparsity(layer: Layer, layer_sparsity: dict) -> float | None:
     return value
 
 
-def input_derived(graph) -> set[str]:
+def input_derived(model) -> set[str]:
     """Names of the graph inputs and of tensors computed from them by preprocessing ops alone."""
-    consts = {t.name for t in graph.initializer}  # constants, and shapes of anything (a dynamic Reshape's)
-    derived = {i.name for i in graph.input} - consts
-    for node in graph.node:  # nodes are stored in topological order
-        ins = [x for x in node.input if x]
-        if node.op_type in ("Constant", "Shape", "Size") or (ins and all(x in consts for x in ins)
+    graph = GraphIndex(model).ir.graph
+    # constants, and shapes of anything (a dynamic Reshape's)
+    consts = set(graph.initializers.values())
+    derived = set(graph.inputs) - consts
+    for node in graph:  # nodes are stored in topological order
+        ins = [v for v in node.inputs if v is not None and v.name]
+        if node.op_type in ("Constant", "Shape", "Size") or (ins and all(v in consts for v in ins)
                                                               and not node.op_type.startswith("Random")):
-            consts.update(node.output)
-        elif (node.op_type in PREPROCESSING and any(x in derived for x in ins)
-                and all(x in derived or x in consts for x in ins)):
-            derived.update(node.output)
-    return derived
+            consts.update(node.outputs)
+        elif (node.op_type in PREPROCESSING and any(v in derived for v in ins)
+                and all(v in derived or v in consts for v in ins)):
+            derived.update(node.outputs)
+    return {v.name for v in derived}
 
 
 def default_exclusion(layer: Layer, raw_inputs: set[str]) -> str | None:
@@ -52,7 +55,7 @@ def default_exclusion(layer: Layer, raw_inputs: set[str]) -> str | None:
     Such layers (an RGB or grayscale stem) hold few weights, and every output depends on each
     of them, so pruning them saves little and costs much. raw_inputs is input_derived()'s set.
     """
-    fan_in = layer.shape[1] if layer.op == "Conv" else layer.geometry.cols
+    fan_in = layer.adapter.fan_in(layer.uses[0].node, layer.shape)
     first = all(u.x in raw_inputs and not u.x_scope for u in layer.uses)
     if first and fan_in < FEW_INPUTS:
         return (f"default exclusion: first layer with only {fan_in} input channel(s) "

@@ -1,4 +1,4 @@
-"""Calibration data in, feed dicts out; and one onnxruntime pass that yields every layer's inputs.
+"""Calibration data in, checked feed dicts out: the DataSource protocol and its three sources.
 
 Data can be an .npz file (keys = model input names; an array of the input's rank has the
 samples on axis 0, one of a rank more holds one feed per sample), a folder of them,
@@ -16,19 +16,15 @@ import glob
 import importlib
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import LobsError
-from .graph import PROTOBUF_LIMIT, model_inputs
-
-ort.set_default_logger_severity(4)  # fatal only: our own one-line errors say what failed
+from .modelio import model_inputs
 
 HOLDOUT_FRACTION = 10  # one sample in ten is held out ...
 HOLDOUT_MAX = 1000  # ... up to this many
@@ -131,6 +127,23 @@ def _fmt_shape(shape) -> str:
 
 # ----------------------------------------------------------------------------- sources
 
+@runtime_checkable
+class DataSource(Protocol):
+    """Where feeds come from. Every feed it yields fits the model's inputs (checked)."""
+
+    origin: str  # what to name in an error: the file, folder, reader or "calibration arrays"
+    extra: dict  # arrays beside the inputs that the caller allowed (labels), by key
+
+    def count(self, feed: dict) -> int:
+        """Samples in one of this source's feeds."""
+
+    def batches(self, batch_size: int, samples: int | None = None) -> Iterator[tuple[dict, bool]]:
+        """(feed, held_out) pairs: calibration feeds, with some held out for measuring fidelity."""
+
+    def feeds(self, batch_size: int) -> Iterator[dict]:
+        """Every feed, none held out (for evaluation)."""
+
+
 class ArraySource:
     """Samples held as arrays (one .npz, or arrays given in code); batches are slices.
 
@@ -197,7 +210,7 @@ class ArraySource:
                 break
             yield {k: v[i:j] for k, v in self.arrays.items()}
 
-    def all_feeds(self, batch_size: int):
+    def feeds(self, batch_size: int):
         yield from self._slices(range(0, self.n), batch_size)
 
 
@@ -212,6 +225,7 @@ class FolderSource:
         self.first = _npz_source(self.files[0], specs, extra_ok)  # fail fast on a bad first file
         self.n = None
         self.origin = folder
+        self.extra: dict = {}
 
     def count(self, feed: dict) -> int:
         return self.first.count(feed)
@@ -227,7 +241,10 @@ class FolderSource:
 
     def batches(self, batch_size: int, samples: int | None = None):
         yield from _every_tenth(
-            (f for s in self._sources() for f in s.all_feeds(batch_size)), samples, self.count)
+            self.feeds(batch_size), samples, self.count)
+
+    def feeds(self, batch_size: int):
+        return (f for s in self._sources() for f in s.feeds(batch_size))
 
 
 class ReaderSource:
@@ -238,6 +255,7 @@ class ReaderSource:
             raise LobsError(f"{origin}: returned {type(reader).__name__}, which has no get_next()")
         self.reader, self.origin, self.specs = reader, origin, specs
         self.n = None
+        self.extra: dict = {}
 
     def count(self, feed: dict) -> int:
         """A feed's samples: axis 0 of its first input that has axes, else 1."""
@@ -245,20 +263,22 @@ class ReaderSource:
         return int(a.shape[0]) if a is not None else 1
 
     def batches(self, batch_size: int, samples: int | None = None):
-        def feeds():
-            k = 0
-            while True:
-                feed = self.reader.get_next()
-                if feed is None:
-                    return
-                try:
-                    feed = {name: np.asarray(v) for name, v in feed.items()}
-                except (AttributeError, TypeError, ValueError) as e:
-                    raise LobsError(f"{self.origin} (feed {k}): not a dict of arrays ({e})") from None
-                check_feed(feed, self.specs, f"{self.origin} (feed {k})")
-                k += 1
-                yield feed
-        yield from _every_tenth(feeds(), samples, self.count)
+        yield from _every_tenth(self.feeds(batch_size), samples, self.count)
+
+    def feeds(self, batch_size: int):
+        """The reader's feeds as they come (batch_size does not apply), each checked."""
+        k = 0
+        while True:
+            feed = self.reader.get_next()
+            if feed is None:
+                return
+            try:
+                feed = {name: np.asarray(v) for name, v in feed.items()}
+            except (AttributeError, TypeError, ValueError) as e:
+                raise LobsError(f"{self.origin} (feed {k}): not a dict of arrays ({e})") from None
+            check_feed(feed, self.specs, f"{self.origin} (feed {k})")
+            k += 1
+            yield feed
 
 
 def _every_tenth(feeds, samples, count):
@@ -311,7 +331,7 @@ def open_source(data, model: onnx.ModelProto, *, seed: int = 0, samples: int | N
     specs = input_specs(model)
     if data is None:
         raise LobsError("no calibration data: give --calib DATA (or --calib random to accept random data)")
-    if isinstance(data, (ArraySource, FolderSource, ReaderSource)):
+    if isinstance(data, DataSource):
         return data
     if isinstance(data, dict):
         return ArraySource({k: np.asarray(v) for k, v in data.items()}, "calibration arrays", specs, extra_ok)
@@ -341,39 +361,3 @@ def _call_factory(spec: str):
     except (ImportError, AttributeError) as e:
         raise LobsError(f"{spec}: cannot import ({e})") from None
     return factory()
-
-
-# ----------------------------------------------------------------------------- onnxruntime
-
-def make_session(model: onnx.ModelProto, origin: str | None = None) -> ort.InferenceSession:
-    """An onnxruntime session; models over 2 GB go through a temporary file with external data.
-    origin (the model's file) starts the error message when onnxruntime refuses the model."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # run-time errors too (level 3 still prints them, in colour)
-    try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix="onnx-lobs-") as folder:
-            # onnx externalises tensors in place: save a copy so the caller's model is untouched.
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            path = os.path.join(folder, "model.onnx")
-            onnx.save_model(copy, path, save_as_external_data=True, location="model.onnx.data")
-            del copy
-            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise LobsError(f"{origin + ': ' if origin else ''}onnxruntime cannot load the model: {first_line(e)}") \
-            from None
-
-
-def run(session: ort.InferenceSession, names: list[str], feed: dict, origin: str) -> list[np.ndarray]:
-    try:
-        return session.run(names, feed)
-    except Exception as e:
-        raise LobsError(f"{origin}: onnxruntime failed: {first_line(e)}") from None
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an error (onnxruntime and torch messages run to pages), cut to 300 characters."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

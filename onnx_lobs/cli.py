@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import LobsError
+from .solvers import SOLVERS
 
 CALIBRATION_KEY = "onnx_lobs.calibration"  # metadata: a model's bundled calibration file
 
@@ -53,7 +53,8 @@ def main(argv=None):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model, as_json):
     """List prunable layers, and the weighted ops that will not be pruned, with the reason."""
-    from .graph import find_layers, load_model
+    from .graph import find_layers
+    from .modelio import load_model
 
     loaded = load_model(model)
     layers, skipped = find_layers(loaded)
@@ -142,17 +143,6 @@ def _check_output(path: str, model: str) -> None:
         raise LobsError(f"{path}: is a folder")
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnx-lobs-", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LobsError(f"{path}: cannot write ({e.strerror})") from None
-
-
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Pruned model to write.")
@@ -163,7 +153,7 @@ def write_text_atomic(path: str, text: str) -> None:
               help="Per-layer sparsity by layer or weight name; repeatable, the last match wins.")
 @click.option("--max-error", type=float, help="Prune each layer until its relative error would pass this.")
 @click.option("--method", default="lobs", show_default=True,
-              help="lobs (the paper), obc (exact greedy OBS), sparsegpt, wanda or magnitude.")
+              help="; ".join(f"{s.name}: {s.summary}" for s in SOLVERS.values()) + ".")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching layers dense; repeatable.")
 @click.option("--samples", type=int, help="Read at most this many calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -184,7 +174,8 @@ def write_text_atomic(path: str, text: str) -> None:
 def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exclude, samples,
           batch_size, damp, pattern, global_sparsity, no_default_exclude, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
-    from .graph import save_model
+    from .atomic import write_atomic
+    from .modelio import save_model
     from .pruning import PruneConfig, prune as run_prune
     from .report import format_table
 
@@ -210,7 +201,7 @@ def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exc
         click.echo(f"onnx-lobs: warning: {w.message}", err=True)
     save_model(result.model, output, external=True if result.external_data else None)
     if report_path:
-        write_text_atomic(report_path, result.report.to_json() + "\n")
+        write_atomic(report_path, (result.report.to_json() + "\n").encode())
     click.echo(format_table(result.report))
     click.echo(f"wrote {output}")
 
@@ -263,7 +254,8 @@ def eval_cmd(model, data, reference, labels, batch_size, as_json):
 def retrain_cmd(model, output, data, labels, teacher, iterations, epochs, batch_size, lr, report_path, seed,
                 quiet):
     """Retrain a pruned MODEL with its zeros held, check it, and write it to OUTPUT."""
-    from .graph import save_model
+    from .atomic import write_atomic
+    from .modelio import save_model
     from .retrain import require_torch, retrain
 
     require_torch()  # before anything else: without the extra, say how to install it
@@ -281,7 +273,7 @@ def retrain_cmd(model, output, data, labels, teacher, iterations, epochs, batch_
                          progress=not quiet, **kwargs)
     save_model(result.model, output)
     if report_path:
-        write_text_atomic(report_path, result.report.to_json() + "\n")
+        write_atomic(report_path, (result.report.to_json() + "\n").encode())
     click.echo(_retrain_summary(result.report))
     click.echo(f"wrote {output}")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from .calibration import make_session, open_source, run
+from .calibration import open_source
 from .errors import LobsError
-from .graph import LoadedModel, load_model
+from .modelio import as_loaded
+from .runtime import make_session, run
 
 
 class Fidelity:
@@ -46,24 +46,23 @@ class Fidelity:
 
 def evaluate(model, data, reference=None, labels: str | None = None, batch_size: int = 256) -> dict:
     """Accuracy (when the data has labels) and fidelity against a reference model (when given)."""
-    loaded = model if isinstance(model, LoadedModel) else _as_loaded(model)
-    ref_loaded = None if reference is None else (reference if isinstance(reference, LoadedModel)
-                                                 else _as_loaded(reference))
+    loaded = as_loaded(model)
+    ref_loaded = None if reference is None else as_loaded(reference)
     label_key = labels or "labels"
     source = open_source(data, loaded.model, extra_ok=(label_key, "labels"))
-    arrays_labels = getattr(source, "extra", {}).get(label_key)
+    arrays_labels = source.extra.get(label_key)
     if labels and arrays_labels is None:
-        raise LobsError(f"{getattr(source, 'origin', data)}: has no labels under key '{labels}'")
+        raise LobsError(f"{source.origin}: has no labels under key '{labels}'")
     sess = make_session(loaded.model, loaded.path)
     names = [o.name for o in sess.get_outputs()]
     ref_sess = make_session(ref_loaded.model, ref_loaded.path) if ref_loaded else None
     fid = Fidelity()
     correct = seen = 0
-    for feed in _feeds(source, batch_size):
+    for feed in source.feeds(batch_size):
         outs = run(sess, names, feed, loaded.path)
         if ref_sess is not None:
             fid.add(run(ref_sess, [o.name for o in ref_sess.get_outputs()], feed, ref_loaded.path), outs)
-        n = source.count(feed) if hasattr(source, "count") else outs[0].shape[0]
+        n = source.count(feed)
         if arrays_labels is not None:
             y = arrays_labels[seen:seen + n]
             correct += int(np.sum(outs[0].reshape(n, -1).argmax(1) == y))
@@ -74,17 +73,3 @@ def evaluate(model, data, reference=None, labels: str | None = None, batch_size:
         f = fid.result()
         result.update(top1_agreement=f["top1_agreement"], rel_l2=f["rel_l2"], cosine=f["cosine"])
     return result
-
-
-def _feeds(source, batch_size):
-    if hasattr(source, "all_feeds"):
-        yield from source.all_feeds(batch_size)
-    else:
-        for feed, _ in source.batches(batch_size):
-            yield feed
-
-
-def _as_loaded(model) -> LoadedModel:
-    if isinstance(model, onnx.ModelProto):
-        return LoadedModel(model, "<model>")
-    return load_model(str(model))

@@ -140,36 +140,48 @@ def damped_hessian(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     return h, dead
 
 
-def damped_inverse(h: np.ndarray, damp: float, max_tries: int = 8) -> DampedInverse:
-    """Invert damped_hessian(h, damp), raising damp tenfold until the Cholesky succeeds."""
+def raise_damp_until(attempt, damp: float, max_tries: int = 8):
+    """attempt(d) for d = damp, then tenfold more each time (from 1e-8 if damp is 0), until it
+    returns something other than None: too little dampening shows as a failed factorisation."""
     d = damp
     for _ in range(max_tries):
-        hd, dead = damped_hessian(h, d)
-        up, info = lapack.dpotrf(hd, lower=0, clean=0, overwrite_a=1)
-        if info == 0:
-            inv, info = lapack.dpotri(up, lower=0, overwrite_c=1)  # upper triangle of Hd^-1
-            if info == 0:
-                hinv = np.triu(inv)
-                hinv += np.triu(inv, 1).T
-                if np.all(np.isfinite(hinv)) and np.all(np.diagonal(hinv) > 0):
-                    return DampedInverse(hinv, d, dead)
+        result = attempt(d)
+        if result is not None:
+            return result
         d = d * 10 if d > 0 else 1e-8
     raise LinAlgError("Hessian could not be regularised")
+
+
+def damped_inverse(h: np.ndarray, damp: float, max_tries: int = 8) -> DampedInverse:
+    """Invert damped_hessian(h, damp), raising damp tenfold until the Cholesky succeeds."""
+    def attempt(d):
+        hd, dead = damped_hessian(h, d)
+        up, info = lapack.dpotrf(hd, lower=0, clean=0, overwrite_a=1)
+        if info != 0:
+            return None
+        inv, info = lapack.dpotri(up, lower=0, overwrite_c=1)  # upper triangle of Hd^-1
+        if info != 0:
+            return None
+        hinv = np.triu(inv)
+        hinv += np.triu(inv, 1).T
+        if np.all(np.isfinite(hinv)) and np.all(np.diagonal(hinv) > 0):
+            return DampedInverse(hinv, d, dead)
+        return None
+
+    return raise_damp_until(attempt, damp, max_tries)
 
 
 def damped_solve(h: np.ndarray, damp: float, rhs: np.ndarray, max_tries: int = 8) -> np.ndarray:
     """Hd^-1 rhs for Hd = damped_hessian(h, damp), raising damp as damped_inverse does: one
     Cholesky and two triangular solves, a third of the work of forming Hd^-1."""
-    d = damp
-    for _ in range(max_tries):
-        hd, _ = damped_hessian(h, d)
-        up, info = lapack.dpotrf(hd, lower=0, clean=1, overwrite_a=1)
-        if info == 0:
-            x, info = lapack.dpotrs(up, rhs, lower=0)
-            if info == 0 and np.all(np.isfinite(x)):
-                return x
-        d = d * 10 if d > 0 else 1e-8
-    raise LinAlgError("Hessian could not be regularised")
+    def attempt(d):
+        up, info = lapack.dpotrf(damped_hessian(h, d)[0], lower=0, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        x, info = lapack.dpotrs(up, rhs, lower=0)
+        return x if info == 0 and np.all(np.isfinite(x)) else None
+
+    return raise_damp_until(attempt, damp, max_tries)
 
 
 def layer_error(w_old: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> float:

@@ -11,17 +11,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import __version__
-from .activations import Collector, PassResult, Session, collect
+from .activations import Collector, PassResult, Reading, Session, collect
 from .allocation import allocate, default_exclusion, explicit_sparsity, input_derived, removal_costs
-from .calibration import make_session, open_source, run
+from .calibration import open_source
 from .errors import LobsError
 from .evaluate import Fidelity
-from .graph import Layer, LoadedModel, find_layers, load_model, matches
+from .graph import Layer, find_layers, matches
+from .modelio import PROTOBUF_LIMIT, as_loaded
 from .segments import SegmentedPass, plan
 from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
+from .runtime import make_session, output_names, run
 from .solve import solve_layer
+from .version import __version__
 from .solvers import METHODS
 
 METADATA_KEY = "onnx_lobs"
@@ -93,7 +95,7 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     config.check()
     timings = {}
     t = time.perf_counter()
-    loaded = _load(model)
+    loaded = as_loaded(model, private=True)
     layers, skipped = find_layers(loaded)
     work, records = _plan(loaded, layers, skipped, config)
     source = open_source(calibration, loaded.model, seed=config.seed, samples=config.samples) \
@@ -125,22 +127,10 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     return PruneResult(loaded.model, report, masks, bool(loaded.external))
 
 
-def _load(model) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model.model)
-        return LoadedModel(copy, model.path, set(model.external))
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return LoadedModel(copy, "<model>")
-    return load_model(str(model))
-
-
 def _plan(loaded, layers, skipped, config):
     """Records for every layer found or skipped, and the work list with each layer's target."""
     records, work = [], []
-    raw_inputs = input_derived(loaded.model.graph)
+    raw_inputs = input_derived(loaded.model)
     for layer in layers:
         g = layer.geometry
         rec = LayerRecord(layer.name, layer.op, layer.weight_name, g.rows * g.groups, g.cols, g.groups,
@@ -218,7 +208,7 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
     held = None
     if config.global_sparsity is not None:
         plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
-        held = _checked(collect(dense, None, plain, source, config, timings, keep_held=True), source)
+        held = _checked(collect(dense, None, plain, source, _reading(config), timings, keep_held=True), source)
         _allocate_globally(work, plain, records, config)
     if segments is not None:
         return _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
@@ -232,7 +222,7 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
                 pruned = Session(loaded.model, [w.collector for w in todo], loaded.path)  # has earlier stages' weights
                 timings["prepare"] += time.perf_counter() - t
             label = "calibrating" if stage is None else f"stage {k + 1}/{len(stages)}"
-            result = _checked(collect(dense, pruned, [w.collector for w in todo], source, config, timings,
+            result = _checked(collect(dense, pruned, [w.collector for w in todo], source, _reading(config), timings,
                                       keep_held=held is None, label=label), source)
             held = held or result
         t = time.perf_counter()
@@ -247,12 +237,12 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
     """Sequential mode with every node run once per model (segments.py); same results as a
     whole pass per stage."""
     t = time.perf_counter()
-    runner = SegmentedPass(segments, source, config, timings, loaded.path)
+    runner = SegmentedPass(segments, source, _reading(config), timings, loaded.path)
     timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
     try:
         samples = runner.samples()
         if samples["calibration"] == 0:
-            raise LobsError(f"{getattr(source, 'origin', 'calibration data')}: no calibration samples")
+            raise LobsError(f"{source.origin}: no calibration samples")
         for k, stage in enumerate(stages):
             todo = [by_layer[id(layer)] for layer in stage]
             runner.stage(k, dense_model, loaded.model, [w.collector for w in todo],
@@ -267,9 +257,8 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
         return held
     t = time.perf_counter()
     sess = make_session(dense_model, loaded.path)
-    names = [o.name for o in dense_model.graph.output]
-    origin = getattr(source, "origin", "calibration data")
-    held_dense = [run(sess, names, feed, origin) for feed in runner.feeds.held_feeds]
+    names = output_names(dense_model)
+    held_dense = [run(sess, names, feed, source.origin) for feed in runner.feeds.held_feeds]
     timings["verify"] = timings.get("verify", 0.0) + time.perf_counter() - t
     return PassResult(samples, runner.feeds.held_feeds, held_dense)
 
@@ -281,9 +270,13 @@ def _solve(w, config, masks) -> None:
     masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm)
 
 
+def _reading(config: PruneConfig) -> Reading:
+    return Reading(config.batch_size, config.samples, config.progress)
+
+
 def _checked(result: PassResult, source) -> PassResult:
     if result.samples["calibration"] == 0:
-        raise LobsError(f"{getattr(source, 'origin', 'calibration data')}: no calibration samples")
+        raise LobsError(f"{source.origin}: no calibration samples")
     return result
 
 
@@ -313,14 +306,14 @@ def _config_dict(config: PruneConfig) -> dict:
 def _verify(model, layers, work, held_feeds, held_dense):
     """Check the written model, run it on held-out samples, and set the bound beside the result."""
     try:
-        if model.ByteSize() < 2_000_000_000:
+        if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
     except Exception as e:
         raise AssertionError(f"pruned model fails the ONNX checker: {e}") from None
     sess = make_session(model)
     if not held_feeds:
         return None, {"reason": "no held-out samples"}
-    names = [o.name for o in model.graph.output]
+    names = output_names(model)
     fid = Fidelity()
     for feed, dense in zip(held_feeds, held_dense):
         fid.add(dense, run(sess, names, feed, "pruned model"))

@@ -53,18 +53,18 @@ class Report:
     versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON has no NaN or Inf: write null instead."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -77,7 +77,7 @@ def versions() -> dict:
     import onnxruntime
     import scipy
 
-    from . import __version__
+    from .version import __version__
 
     return {"onnx_lobs": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version()}

@@ -23,11 +23,14 @@ from importlib import metadata
 import numpy as np
 import onnx
 
-from .calibration import ArraySource, input_specs, make_session, open_source, run
-from .errors import LobsError
-from .graph import LoadedModel, find_layers, load_model, model_inputs
-from .report import _clean, versions
-from .roundtrip import check_conversion, check_export, convert, export, first_line, outputs, tensors
+from .calibration import ArraySource, input_specs, open_source
+from .errors import LobsError, one_line
+from .graph import find_layers
+from .index import GraphIndex
+from .modelio import LoadedModel, as_loaded, model_inputs
+from .report import json_safe, versions
+from .roundtrip import check_conversion, check_export, convert, export, outputs, tensors
+from .runtime import make_session, run
 
 INSTALL_HINT = "pip install 'onnx-lobs[retrain]'"
 DEFAULT_LR = 2e-3  # Adam, cosine-decayed to 0 over the run: chosen by held-out loss, docs/paper_table.md
@@ -55,7 +58,7 @@ class RetrainReport:
     versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -82,12 +85,12 @@ def require_torch():
     try:
         import torch
     except Exception as e:
-        raise LobsError(f"retraining needs PyTorch, which is not installed ({first_line(e)}): "
+        raise LobsError(f"retraining needs PyTorch, which is not installed ({one_line(e)}): "
                         f"{INSTALL_HINT}") from None
     try:
         import onnx2torch
     except Exception as e:  # a torchvision built for another torch fails with RuntimeError, not ImportError
-        raise LobsError(f"retraining needs onnx2torch, which does not import ({first_line(e)}): "
+        raise LobsError(f"retraining needs onnx2torch, which does not import ({one_line(e)}): "
                         f"{INSTALL_HINT}") from None
     return torch, onnx2torch
 
@@ -161,11 +164,7 @@ def retrain(pruned, data, *, labels: str | None = None, teacher=None, iterations
 def _loaded(model) -> LoadedModel:
     if hasattr(model, "model") and hasattr(model, "masks"):  # a PruneResult
         model = model.model
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        return LoadedModel(model, "<model>")
-    return load_model(str(model))
+    return as_loaded(model)
 
 
 def _training_data(data, model, labels):
@@ -207,10 +206,7 @@ def _hold_zeros(gm, loaded: LoadedModel) -> list[_Held]:
             for o in getattr(mapping, "outputs", ()):
                 by_output[o] = n
     layers, _ = find_layers(loaded)
-    consumers = {}
-    for node in loaded.model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    index = GraphIndex(loaded.model)
     held, seen = [], set()
     for layer in layers:
         if layer.dtype not in ("float32", "float64"):
@@ -225,10 +221,12 @@ def _hold_zeros(gm, loaded: LoadedModel) -> list[_Held]:
             owners.append(_parameter(gm, fx, node, 1, layer.name))
             if len(node.input) > 2 and node.input[2]:
                 _parameter(gm, fx, node, 2, layer.name)
-            for add in consumers.get(node.output[0], []):  # MatMul + Add: the Add's constant is a bias
+            # MatMul + Add: the Add's constant is a bias
+            for usage in index.at(use.site.path).node.outputs[0].uses():
+                add = index.site(usage.node).proto
                 if add.op_type == "Add" and add.output[0] in by_output:
-                    k = 1 if add.input[0] == node.output[0] else 0
-                    if any(t.name == add.input[k] for t in loaded.model.graph.initializer):
+                    k = 1 - usage.idx
+                    if usage.node.inputs[k] is not None and usage.node.inputs[k].is_initializer():
                         _parameter(gm, by_output[add.output[0]], add, k, layer.name, required=False)
         p = owners[0][2]
         for o, a, _ in owners[1:]:  # one weight used by several nodes: tie the copies onnx2torch made
@@ -302,7 +300,8 @@ class _Teacher:
 
 def _output_kind(model: onnx.ModelProto, name: str) -> str:
     """'probs' or 'logprobs' when a Softmax / LogSoftmax makes the output, else 'scores'."""
-    producer = next((n for n in model.graph.node if name in n.output), None)
+    value = next(v for v in GraphIndex(model).ir.graph.outputs if v.name == name)
+    producer = value.producer()
     return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(getattr(producer, "op_type", ""), "scores")
 
 
@@ -439,7 +438,7 @@ def _train(gm, held: list[_Held], arrays, idx, loss_fn: _Loss, iterations, batch
 
 def _stamp(model: onnx.ModelProto, pruned: onnx.ModelProto, report: RetrainReport) -> None:
     """Keep the pruned model's metadata and add one entry for the retraining."""
-    from . import __version__
+    from .version import __version__
 
     del model.metadata_props[:]
     for p in pruned.metadata_props:

@@ -15,9 +15,11 @@ import warnings
 import numpy as np
 import onnx
 
-from .calibration import first_line, make_session, run
-from .errors import LobsError
-from .graph import LoadedModel, find_layers, model_inputs
+from .errors import LobsError, one_line
+from .graph import find_layers
+from .index import GraphIndex
+from .modelio import LoadedModel, model_inputs
+from .runtime import make_session, run
 
 MIN_OPSET, MAX_OPSET = 7, 20  # what the TorchScript exporter writes
 TOLERANCE = 1e-4  # torch against onnxruntime, relative to 1 + the largest output
@@ -30,7 +32,8 @@ def convert(loaded: LoadedModel):
 
     opsets = {o.domain or "": o.version for o in loaded.model.opset_import}
     missing = {}
-    for node in loaded.model.graph.node:
+    for site in GraphIndex(loaded.model).main():
+        node = site.node
         try:
             get_converter(operation_type=node.op_type, version=opsets.get(node.domain or "", 1),
                           domain=node.domain or "")
@@ -47,7 +50,7 @@ def convert(loaded: LoadedModel):
         gm = onnx_to_torch(copy, attach_onnx_mapping=True)
     except Exception as e:
         raise LobsError(f"{loaded.path}: onnx2torch cannot convert it ({type(e).__name__}: "
-                        f"{first_line(e)})") from None
+                        f"{one_line(e)})") from None
     gm.eval()  # an inference graph: no dropout, batch-norm statistics stay as exported
     return gm
 
@@ -121,7 +124,7 @@ def export(gm, pruned: onnx.ModelProto, arrays, idx) -> onnx.ModelProto:
                               opset_version=min(max(_opset(pruned), MIN_OPSET), MAX_OPSET),
                               do_constant_folding=True, dynamo=False)
     except Exception as e:
-        raise LobsError(f"torch.onnx.export failed: {type(e).__name__}: {first_line(e)}") from None
+        raise LobsError(f"torch.onnx.export failed: {type(e).__name__}: {one_line(e)}") from None
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -133,7 +136,7 @@ def check_export(pruned: LoadedModel, model: onnx.ModelProto, gm, held: list, ar
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        fail(f"onnx.checker: {first_line(e)}")
+        fail(f"onnx.checker: {one_line(e)}")
     for what, a, b in (("input", model_inputs(pruned.model), model_inputs(model)),
                        ("output", pruned.model.graph.output, model.graph.output)):
         if [v.name for v in a] != [v.name for v in b]:
@@ -201,4 +204,4 @@ def _matrices(layer) -> np.ndarray:
 
 
 def _kind(layer) -> str:
-    return "conv" if layer.op.startswith("Conv") else "dense"
+    return layer.adapter.family

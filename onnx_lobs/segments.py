@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,11 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper
-from tqdm import tqdm
 
-from .activations import Collector, _fold
-from .calibration import make_session, run
+from . import rewrite
+from .activations import Collector, Reading, add_time
+from .calibration import DataSource
 from .graph import Layer
+from .index import GraphIndex, Site, read_ir, subgraphs
+from .rewrite.segment import Cut, ExtractSegment
+from .runtime import make_session, run
 
 
 @dataclass
@@ -40,31 +42,34 @@ class Segment:
     frees: list[str] = field(default_factory=list)  # stored tensors nothing after this reads
 
 
-def _used_names(node: onnx.NodeProto) -> set[str]:
-    """Explicit inputs plus the outer-scope names its subgraphs read."""
-    names = {i for i in node.input if i}
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            names |= _outer_names(g)
+def _used_names(site: Site) -> set[str]:
+    """Explicit inputs plus the outer-scope names its bodies read."""
+    names = {v.name for v in site.node.inputs if v is not None and v.name}
+    inner, todo = set(), [b for _, b in subgraphs(site.node)]
+    while todo:
+        g = todo.pop()
+        inner.add(g)
+        todo += [b for n in g for _, b in subgraphs(n)]
+    for g in inner:
+        for n in g:
+            for v in n.inputs:
+                if v is None or not v.name:
+                    continue
+                where = v.producer().graph if v.producer() is not None else v.graph
+                if where not in inner:
+                    names.add(v.name)
     return names
-
-
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    used = set()
-    for node in graph.node:
-        used |= _used_names(node) - defined
-        defined |= set(node.output)
-    return used
 
 
 def plan(model: onnx.ModelProto, stages: list[list[Layer]]) -> list[Segment] | None:
     """One segment per stage, or None when some layer input lives inside a subgraph."""
-    graph = model.graph
-    producer = {o: k for k, node in enumerate(graph.node) for o in node.output if o}
-    uses = [_used_names(node) for node in graph.node]
-    inits = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    inputs = {i.name for i in graph.input}
+    index = GraphIndex(model)
+    main = index.main()
+    producer = {v.name: k for k, site in enumerate(main) for v in site.node.outputs if v.name}
+    uses = [_used_names(site) for site in main]
+    outputs = [{v.name for v in site.node.outputs} for site in main]
+    inits = set(index.ir.graph.initializers) | index.sparse_names(index.ir.graph)
+    inputs = {v.name for v in index.ir.graph.inputs}
     done: set[int] = set()
     segments = []
     for stage in stages:
@@ -83,14 +88,14 @@ def plan(model: onnx.ModelProto, stages: list[list[Layer]]) -> list[Segment] | N
             todo += [producer[n] for n in uses[k] if n in producer]
         done |= nodes
         order = sorted(nodes)
-        made = {o for k in order for o in graph.node[k].output}
+        made = {o for k in order for o in outputs[k]}
         reads = sorted({n for k in order for n in uses[k] if n not in made and (n in producer or n not in inits)}
                        | {x for x in wanted if x not in made})
         segments.append(Segment(order, reads, [], sorted(set(wanted))))
     # What each segment keeps: its products read by later segments or exposed later.
     later: set[str] = set()
     for seg in reversed(segments):
-        made = {o for k in seg.nodes for o in graph.node[k].output}
+        made = {o for k in seg.nodes for o in outputs[k]}
         seg.keeps = sorted(made & (later | set(seg.exposed)))
         later |= set(seg.reads) | set(seg.exposed)
     # When a stored tensor is last read, it can go.
@@ -104,21 +109,13 @@ def plan(model: onnx.ModelProto, stages: list[list[Layer]]) -> list[Segment] | N
 
 
 def _segment_model(model: onnx.ModelProto, seg: Segment, types: dict) -> onnx.ModelProto | None:
+    """The model cut down to the segment's nodes (rewrite/segment.py), fed the stored tensors it reads."""
     if not seg.nodes:
         return None
-    graph = model.graph
-    nodes = [graph.node[k] for k in seg.nodes]
-    used = set().union(*(_used_names(n) for n in nodes))
-    inputs = [n for n in seg.reads if n in types]
-    g = helper.make_graph(
-        nodes, "segment",
-        [helper.make_tensor_value_info(n, types[n][0], [None] * types[n][1]) for n in inputs],
-        [onnx.ValueInfoProto(name=n) for n in seg.keeps],
-        initializer=[t for t in graph.initializer if t.name in used and t.name not in types],
-        sparse_initializer=[t for t in graph.sparse_initializer if t.values.name in used])
-    m = helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
-    m.functions.extend(model.functions)
-    return m
+    m = read_ir(model)
+    inputs = tuple((n, types[n][0], types[n][1]) for n in seg.reads if n in types)
+    rewrite.apply(ExtractSegment(), m, Cut(tuple(seg.nodes), inputs, tuple(seg.keeps)))
+    return rewrite.to_proto(m, model)
 
 
 SHARED = "s"  # the side of the model inputs, the same for the dense and the pruned model
@@ -173,19 +170,19 @@ class Feeds:
 class SegmentedPass:
     """Runs stage after stage; call stage(k, ...) for k = 0, 1, ... in order."""
 
-    def __init__(self, segments: list[Segment], source, config, timings: dict, model_path: str | None = None):
-        self.segments, self.config, self.timings, self.model_path = segments, config, timings, model_path
+    def __init__(self, segments: list[Segment], source: DataSource, reading: Reading, timings: dict,
+                 model_path: str | None = None):
+        self.segments, self.reading, self.timings, self.model_path = segments, reading, timings, model_path
         self.store = Store()
-        self.origin = getattr(source, "origin", "calibration data")
+        self.origin = source.origin
         needed = set().union(*(s.reads for s in segments)) if segments else set()
         held, sizes, held_feeds = [], [], []
-        for b, (feed, is_held) in enumerate(source.batches(config.batch_size, config.samples)):
+        for b, (feed, is_held) in enumerate(source.batches(reading.batch_size, reading.samples)):
             for name, value in feed.items():
                 if name in needed:
                     self.store.put(SHARED, name, b, value)
-            v = next(iter(feed.values()))
             held.append(is_held)
-            sizes.append(source.count(feed) if hasattr(source, "count") else (v.shape[0] if v.ndim else 1))
+            sizes.append(source.count(feed))
             if is_held:
                 held_feeds.append(feed)
         self.feeds = Feeds(held, sizes, held_feeds)
@@ -203,9 +200,8 @@ class SegmentedPass:
         for side, model in (("d", dense), ("p", pruned)):
             m = _segment_model(model, seg, self.store.types)
             sessions[side] = make_session(m, self.model_path) if m is not None else None
-        self.timings["prepare"] = self.timings.get("prepare", 0.0) + time.perf_counter() - t
-        bar = tqdm(desc=label, unit="sample", total=sum(self.feeds.sizes), disable=None if self.config.progress else True,
-                   file=sys.stderr, leave=False)
+        add_time(self.timings, "prepare", t)
+        bar = self.reading.bar(label, sum(self.feeds.sizes))
         try:
             for b, (n, held) in enumerate(zip(self.feeds.sizes, self.feeds.held)):
                 t = time.perf_counter()
@@ -218,13 +214,12 @@ class SegmentedPass:
                     for name in seg.keeps:
                         self.store.put(side, name, b, got[name])
                     values[side] = got
-                self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t
+                add_time(self.timings, "forward", t)
                 t = time.perf_counter()
                 for c in collectors:
-                    acc = c.hold if held else c.calib
                     for u in c.layer.uses:
-                        _fold(acc, c.layer, u.node, values["d"][u.x], values["p"][u.x])
-                self.timings["hessian"] = self.timings.get("hessian", 0.0) + time.perf_counter() - t
+                        c.fold(held, u.node, values["d"][u.x], values["p"][u.x])
+                add_time(self.timings, "hessian", t)
                 bar.update(n)
         finally:
             bar.close()

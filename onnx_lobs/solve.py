@@ -8,7 +8,9 @@ optimum W0 = W C H_p^-1 with H_p (C = mean x_d x_p^T), which minimises the same 
 
 from __future__ import annotations
 
+import functools
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.linalg import LinAlgError
@@ -18,17 +20,14 @@ from .errors import LobsError
 from .graph import write_tensor
 from .hessian import damped_solve, layer_error
 from .report import LayerRecord
-from .solvers import Target, get_solver
-from .solvers._damped import FACTOR_OF, times_inverse
+from .solvers import SOLVERS, Target
+from .solvers.factors import times_inverse
 
 # With damp=None each layer takes the dampening, of these, whose result has the lowest layer-wise
 # error on the calibration data: the very quantity L-OBS minimises. A fixed H^-1 is a poor guide
 # for removing most of a layer, and stronger dampening tempers its compensations.
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0)
 DAMP_ROWS = 96
-# OBC downdates H^-1 exactly after every removal, so light dampening serves it and a grid would
-# multiply its (already cubic) cost; it uses this fixed default instead.
-FIXED_DAMP = {"obc": 0.01}
 W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's unconstrained optimum
 
 
@@ -52,99 +51,158 @@ class _Objective:
                 + self.energy)
 
 
-def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
-    """Prune one layer in place; fills its record and returns the removed-weights mask."""
-    t = time.perf_counter()
+@dataclass
+class Problem:
+    """One layer as the solver sees it: dense matrices (with the bias as a last column) and the
+    calibration Hessians, per group."""
+
+    old: np.ndarray  # [groups, rows, cols] dense weights, float64
+    old_b: np.ndarray | None  # [groups, rows] dense bias, or None
+    hessians: tuple  # (H_p, C, H_d) per group; (H, H, H) in independent mode
+    joint: bool
+    objectives: list = field(default_factory=list)  # _Objective per group
+
+    def augmented(self, m, b, k):
+        return m[k] if b is None else np.c_[m[k], b[k]]
+
+    @property
+    def protect(self):
+        return np.r_[np.zeros(self.old.shape[2], bool), [True]] if self.old_b is not None else None
+
+
+@dataclass
+class Solved:
+    new: np.ndarray  # [groups, rows, cols] new weights
+    new_b: np.ndarray | None
+    pruned: np.ndarray  # [groups, rows, cols] bool
+    predicted: float = 0.0
+    damps: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    start_err: float = 0.0  # sequential: the dense weights on the pruned inputs
+    w0_err: float = 0.0  # sequential: the unconstrained optimum W0
+
+
+def prepare(c: Collector) -> Problem:
+    """The layer's dense matrices and calibration Hessians, checked."""
     layer = c.layer
     node = layer.uses[0].node
-    adapter = layer.adapter
     weight, bias = layer.read(), layer.read_bias()
-    old = adapter.to_matrices(node, weight.astype(np.float64))
-    g, rows, cols = old.shape
-    old_b = None if bias is None else adapter.bias_vector(node, bias, rows * g)
+    old = layer.adapter.to_matrices(node, weight.astype(np.float64))
+    g, rows, _ = old.shape
+    old_b = None if bias is None else layer.adapter.bias_vector(node, bias, rows * g)
     hp, cross, hd = c.hessians(c.calib)
     if not all(np.isfinite(m).all() for m in ((hp, cross, hd) if c.joint else (hp,))):
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
-    solver = get_solver(config.method)
-    protect = np.r_[np.zeros(cols, bool), [True]] if old_b is not None else None
+    p = Problem(old, old_b, (hp, cross, hd), c.joint)
+    p.objectives = [_Objective(p.augmented(old, old_b, k), hp[k], cross[k], hd[k], c.joint) for k in range(g)]
+    return p
 
-    def aug(m, b, k):
-        return m[k] if b is None else np.c_[m[k], b[k]]
 
-    new, pruned = np.empty_like(old), np.zeros(old.shape, bool)
-    new_b = None if old_b is None else np.empty_like(old_b)
-    predicted, damps, start_err, w0_err, objectives = 0.0, [], 0.0, 0.0, []
+def solve_groups(p: Problem, target: float, config, nm, name: str) -> Solved:
+    """Every group through the configured solver (from W0 in sequential mode)."""
+    spec = SOLVERS[config.method]
+    g, rows, cols = p.old.shape
+    hp = p.hessians[0]
+    out = Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
+                 np.zeros(p.old.shape, bool))
     # The layer's count, spread over its groups (the first ones take the remainder), so that
     # many small groups (depthwise convs) still reach the layer's target.
     total = int(round(target * g * rows * cols))
     counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
-        wk = aug(old, old_b, k)
-        start, memo = wk, None
-        objectives.append(_Objective(wk, hp[k], cross[k], hd[k], c.joint))
-        if c.joint:  # error-correcting start: the best weights for the pruned inputs
+        start, memo = p.augmented(p.old, p.old_b, k), None
+        if p.joint:
             memo = {}  # shared with the solve below, which needs the same factorisation
-            if config.method in FACTOR_OF and config.damp in (None, W0_DAMP):
-                start = times_inverse(objectives[k].wc, hp[k], W0_DAMP, FACTOR_OF[config.method], memo)
-            else:
-                start = damped_solve(hp[k], W0_DAMP, objectives[k].wc.T).T  # H_p is symmetric
-            # Inputs dead on the calibration data leave the objective indifferent to their
-            # weights: keep the dense ones rather than the solve's zeros.
-            dead = np.diagonal(hp[k]) <= 0
-            start[:, dead] = wk[:, dead]
-            start_err += objectives[k].error(wk)
-            w0_err += objectives[k].error(start)
+            start = _corrected_start(p, k, spec, config, memo, out)
         try:
-            sol = best_damped(solver, start, hp[k], config, counts[k], protect, nm, memo)
+            sol = best_damped(spec, start, hp[k], config, counts[k], p.protect, nm, memo)
         except LinAlgError:
-            raise LobsError(f"layer {layer.name}: its Hessian could not be regularised (inputs too large "
+            raise LobsError(f"layer {name}: its Hessian could not be regularised (inputs too large "
                             f"or not finite on the calibration data)") from None
         if not np.all(np.isfinite(sol.weights)):
-            raise AssertionError(f"{layer.name}: solver produced non-finite weights")
-        new[k], pruned[k] = sol.weights[:, :cols], sol.pruned[:, :cols]
-        if new_b is not None:
-            new_b[k] = sol.weights[:, cols]
-        predicted += sol.predicted_loss
-        damps.append(sol.damp)
-        record.notes += [n for n in sol.notes if n not in record.notes]
+            raise AssertionError(f"{name}: solver produced non-finite weights")
+        out.new[k], out.pruned[k] = sol.weights[:, :cols], sol.pruned[:, :cols]
+        if out.new_b is not None:
+            out.new_b[k] = sol.weights[:, cols]
+        out.predicted += sol.predicted_loss
+        out.damps.append(sol.damp)
+        out.notes += [n for n in sol.notes if n not in out.notes]
+    return out
 
-    stored = adapter.from_matrices(node, new, weight).astype(weight.dtype)
-    mask = adapter.from_matrices(node, pruned, weight)
+
+def _corrected_start(p: Problem, k: int, spec, config, memo: dict, out: Solved) -> np.ndarray:
+    """Sequential mode's error-correcting start: the best weights for the pruned inputs."""
+    wk, hp, obj = p.augmented(p.old, p.old_b, k), p.hessians[0][k], p.objectives[k]
+    if spec.factor is not None and config.damp in (None, W0_DAMP):
+        start = times_inverse(obj.wc, hp, W0_DAMP, spec.factor, memo)
+    else:
+        start = damped_solve(hp, W0_DAMP, obj.wc.T).T  # H_p is symmetric
+    # Inputs dead on the calibration data leave the objective indifferent to their
+    # weights: keep the dense ones rather than the solve's zeros.
+    dead = np.diagonal(hp) <= 0
+    start[:, dead] = wk[:, dead]
+    out.start_err += obj.error(wk)
+    out.w0_err += obj.error(start)
+    return start
+
+
+def write_back(layer, solved: Solved) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Store the new weights (and bias) in their own dtype; returns what was actually stored, as
+    (weight tensor, matrices, bias vector, removed-weights mask)."""
+    node, adapter = layer.uses[0].node, layer.adapter
+    weight, bias = layer.read(), layer.read_bias()
+    stored = adapter.from_matrices(node, solved.new, weight).astype(weight.dtype)
+    mask = adapter.from_matrices(node, solved.pruned, weight)
     stored[mask] = 0
     write_tensor(layer.weight, stored)
+    new_b = solved.new_b
     if new_b is not None:
         stored_b = adapter.bias_from_vector(node, new_b, bias).astype(bias.dtype)
         write_tensor(layer.bias, stored_b)
-        new_b = adapter.bias_vector(node, stored_b, rows * g)
-    # Measure with what was actually stored (fp16/bf16 rounding included).
-    new = adapter.to_matrices(node, stored.astype(np.float64))
+        new_b = adapter.bias_vector(node, stored_b, solved.new.shape[0] * solved.new.shape[1])
+    return stored, adapter.to_matrices(node, stored.astype(np.float64)), new_b, mask
+
+
+def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecord) -> None:
+    """The exact layer-wise errors of the stored weights, on calibration and held-out samples."""
     held = c.hessians(c.hold) if c.hold.n else None
     err = energy = hold_err = dense_hold_err = 0.0
-    for k in range(g):
-        a, b = aug(old, old_b, k), aug(new, new_b, k)
-        err += objectives[k].error(b)
-        energy += objectives[k].energy
+    for k in range(p.old.shape[0]):
+        a, b = p.augmented(p.old, p.old_b, k), p.augmented(new, new_b, k)
+        err += p.objectives[k].error(b)
+        energy += p.objectives[k].energy
         if held is not None:
-            e = (_Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if c.joint
+            e = (_Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if p.joint
                  else layer_error(a, b, held[0][k]))
             hold_err += e
-            dense_hold_err += layer_error(a, b, held[2][k]) if c.joint else e
+            dense_hold_err += layer_error(a, b, held[2][k]) if p.joint else e
     # Zero up to rounding can come out a hair below zero.
     err, hold_err, dense_hold_err = max(err, 0.0), max(hold_err, 0.0), max(dense_hold_err, 0.0)
-    record.sparsity = float(np.mean(stored == 0))
-    record.error, record.predicted_error = err, predicted
+    record.error = err
     record.rel_error = err / energy if energy > 0 else 0.0
     record.holdout_error = hold_err if held is not None else None
     record.dense_input_holdout_error = dense_hold_err if held is not None else None
+
+
+def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
+    """Prune one layer in place; fills its record and returns the removed-weights mask."""
+    t = time.perf_counter()
+    problem = prepare(c)
+    solved = solve_groups(problem, target, config, nm, c.layer.name)
+    record.notes += [n for n in solved.notes if n not in record.notes]
+    stored, new, new_b, mask = write_back(c.layer, solved)
+    measure(problem, new, new_b, c, record)  # what was stored: fp16/bf16 rounding included
+    record.sparsity = float(np.mean(stored == 0))
+    record.predicted_error = solved.predicted
     if c.joint:
-        record.propagated_error, record.corrected_error = start_err, w0_err
-    record.damp = max((d for d in damps if d is not None), default=None)
+        record.propagated_error, record.corrected_error = solved.start_err, solved.w0_err
+    record.damp = max((d for d in solved.damps if d is not None), default=None)
     record.seconds = time.perf_counter() - t
     return mask
 
 
-def best_damped(solver, wk, hk, config, count, protect, nm=None, memo=None):
+def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
@@ -155,6 +213,7 @@ def best_damped(solver, wk, hk, config, count, protect, nm=None, memo=None):
     factorisations of hk made so far).
     """
     memo = {} if memo is None else memo
+    solver = functools.partial(spec.solve, **spec.options)
 
     def target(w, damp):
         if nm is not None:
@@ -166,8 +225,8 @@ def best_damped(solver, wk, hk, config, count, protect, nm=None, memo=None):
         n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
         return Target(n_prune=n, protect=protect, damp=damp, memo=memo)
 
-    if config.damp is not None or config.method in FIXED_DAMP:
-        damp = config.damp if config.damp is not None else FIXED_DAMP[config.method]
+    if config.damp is not None or spec.fixed_damp is not None:
+        damp = config.damp if config.damp is not None else spec.fixed_damp
         return solver(wk, hk, target(wk, damp))
     sub = wk if wk.shape[0] <= 2 * DAMP_ROWS else wk[np.linspace(0, wk.shape[0] - 1, DAMP_ROWS).astype(int)]
     best = best_score = None

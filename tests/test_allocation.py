@@ -62,7 +62,7 @@ def test_stem_behind_layout_and_normalisation_ops_is_still_a_first_layer():
     for i, node in enumerate(pre):
         g.node.insert(i, node)
     onnx.checker.check_model(model)
-    assert {"x_nhwc", "t", "centred", "x"} <= input_derived(g)
+    assert {"x_nhwc", "t", "centred", "x"} <= input_derived(model)
     # a dynamic flatten (Shape -> Gather -> Concat -> Reshape) keeps the raw input; a Conv's output does not
     flat = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
             helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
@@ -71,7 +71,7 @@ def test_stem_behind_layout_and_normalisation_ops_is_still_a_first_layer():
     probe = make_model(list(g.node) + flat, [g.input[0]], [vi("xf", shape=["N", 128]), vi("cf", shape=["N", 384])],
                        list(g.initializer) + [tensor("zero", np.int64(0)), tensor("zero1", np.array([0], np.int64)),
                                               tensor("minus1", np.array([-1], np.int64))])
-    seen = input_derived(probe.graph)
+    seen = input_derived(probe)
     assert "xf" in seen and "cf" not in seen and "shape" not in seen
     x = rng.standard_normal((60, 8, 8, 2)).astype(np.float32)
     recs = {r.name: r for r in prune(model, {"x_nhwc": x}).report.layers}

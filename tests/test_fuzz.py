@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs import LobsError, PruneConfig, prune
-from onnx_lobs.graph import LoadedModel, find_layers
+from onnx_lobs.graph import find_layers
+from onnx_lobs.modelio import LoadedModel
 from tests.builders import IR
 
 EXAMPLES = int(os.environ.get("ONNX_LOBS_FUZZ_EXAMPLES", "45"))

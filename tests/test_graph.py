@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs import LobsError
-from onnx_lobs.graph import LoadedModel, find_layers, load_model, save_model, write_tensor
+from onnx_lobs.graph import find_layers, write_tensor
+from onnx_lobs.modelio import LoadedModel, load_model, save_model
 from tests import subgraphs
 from tests.builders import make_model, mlp, single_layer, small_cnn, tensor, vi
 

@@ -193,6 +193,19 @@ def test_damped_inverse_gives_up_on_an_indefinite_matrix():
         damped_inverse(h, 0.0)
 
 
+def test_raise_damp_until_tries_tenfold_then_gives_up():
+    """The one loop behind damped_inverse, damped_solve and the solvers' factorisations."""
+    seen = []
+    got = hessian.raise_damp_until(lambda d: seen.append(d) or ("ok" if d > 5e-4 else None), 0.0)
+    assert got == "ok"
+    np.testing.assert_allclose(seen, [0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3], rtol=1e-12)
+    for tries in (8, 3):
+        seen.clear()
+        with pytest.raises(LinAlgError, match="^Hessian could not be regularised$"):
+            hessian.raise_damp_until(lambda d: seen.append(d), 0.5, max_tries=tries)
+        assert len(seen) == tries and seen[:3] == [0.5, 5.0, 50.0]
+
+
 def test_damped_inverse_dead_inputs():
     rng = np.random.default_rng(23)
     x = rng.standard_normal((40, 6))

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lobs.graph import PROTOBUF_LIMIT
+from onnx_lobs.modelio import PROTOBUF_LIMIT
 from tests.builders import tensor, vi
 from tests.test_cli import cli, digest
 

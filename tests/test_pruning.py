@@ -307,8 +307,9 @@ def test_fp64_model_end_to_end():
 
 def _layer_inputs(model, layer_names, x):
     """Each named layer's input on x, by running the model with those inputs exposed."""
-    from onnx_lobs.graph import LoadedModel, find_layers
-    from onnx_lobs.topology import expose
+    from onnx_lobs.graph import find_layers
+    from onnx_lobs.modelio import LoadedModel
+    from onnx_lobs.activations import expose
 
     layers = {l.name: l for l in find_layers(LoadedModel(model, "m"))[0]}
     names = [layers[n].uses[0].x for n in layer_names]
@@ -366,3 +367,28 @@ def test_two_four_pattern_along_the_reduction_axis(method):
     rec = prune(model, {"x": rng.standard_normal((40, 6)).astype(np.float32)},
                 PruneConfig(default_exclude=False, method=method, pattern=(2, 4))).report.layers[0]
     assert rec.skipped == "no 2:4 pattern: reduction size 6 does not divide into groups of 4"
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_sparse_initializer_is_skipped_and_the_rest_is_pruned(sequential):
+    """onnx-ir drops sparse initializers; the calibration models must still carry them."""
+    rng = np.random.default_rng(11)
+    values = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "S")
+    indices = numpy_helper.from_array(np.array([0, 5, 9, 14, 20, 23], np.int64), "S_idx")
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], name="dense", transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "S"], ["y"], name="sparse_mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "W"),
+                               numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")],
+                              sparse_initializer=[helper.make_sparse_tensor(values, indices, [6, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    result = prune(model, {"x": x}, PruneConfig(sparsity=0.5, sequential=sequential, default_exclude=False))
+    recs = {r.name: r for r in result.report.layers}
+    assert recs["sparse_mm"].skipped == "weight is a sparse initializer"
+    assert recs["dense"].skipped is None and recs["dense"].sparsity == pytest.approx(0.5, abs=0.02)
+    assert len(result.model.graph.sparse_initializer) == 1
+    assert result.report.fidelity["rel_l2"] is not None

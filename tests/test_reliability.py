@@ -33,7 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_lobs
 from onnx_lobs import LobsError, PruneConfig, prune
 from onnx_lobs.cli import main
-from onnx_lobs.graph import save_model
+from onnx_lobs.modelio import save_model
+from onnx_lobs.solvers import METHODS
 from tests.builders import make_model, mlp, single_layer, small_unet, tensor, vi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,9 +262,6 @@ def test_calibration_misfits_fail_cleanly(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # ill-conditioned and rank-deficient Hessians
 
-METHODS = ["lobs", "obc", "sparsegpt", "wanda", "magnitude"]
-
-
 def hard_inputs(case, rng, n=60, f=16):
     x = rng.standard_normal((n, f))
     if case == "dead-units":
@@ -367,7 +365,7 @@ def test_depthwise_layers_reach_the_layer_target(op):
 
 def test_save_writes_nothing_when_interrupted_or_failing(tmp_path, monkeypatch):
     import onnx_lobs.atomic as atomic
-    import onnx_lobs.graph as graph
+    import onnx_lobs.modelio as graph
 
     model = single_layer("MatMul", np.random.default_rng(0).standard_normal((64, 32)), (1, 64))
     out = tmp_path / "m.onnx"

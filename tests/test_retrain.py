@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 import onnx_lobs
 from onnx_lobs import LobsError
 from onnx_lobs.cli import main
-from onnx_lobs.graph import LoadedModel, find_layers, model_inputs
+from onnx_lobs.graph import find_layers
+from onnx_lobs.modelio import LoadedModel, model_inputs
 from tests.builders import make_model, mlp, tensor, vi
 
 

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs import PruneConfig, prune
 from onnx_lobs import pruning, segments
-from onnx_lobs.graph import find_layers, load_model
+from onnx_lobs.graph import find_layers
+from onnx_lobs.modelio import load_model
 from onnx_lobs.topology import layer_stages
 
 from .builders import make_model, mlp, small_cnn, tensor, vi

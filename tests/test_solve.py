@@ -28,7 +28,7 @@ def test_times_inverse_equals_a_cholesky_solve_and_fills_the_solvers_memo(kind):
     """Sequential mode's W0 = W C Hd^-1 through the factorisation the solver memoises, dead inputs
     and a tiny dampening included, equals the direct damped solve."""
     from onnx_lobs.hessian import damped_solve
-    from onnx_lobs.solvers._damped import times_inverse
+    from onnx_lobs.solvers.factors import times_inverse
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((40, 8)) @ rng.standard_normal((8, 8))
@@ -40,3 +40,136 @@ def test_times_inverse_equals_a_cholesky_solve_and_fills_the_solvers_memo(kind):
     ref = damped_solve(h, 0.01, a.T).T
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
     assert list(memo) == [(kind, 0.01)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the four steps of solve_layer, each against a direct computation on explicit activations
+
+def _collected(dtype=np.float32, groups=1, joint=False, seed=7):
+    """A one-layer model (grouped 1x1 Conv, or Gemm with a bias) and a collector fed explicit inputs."""
+    from onnx_lobs.activations import Collector
+    from onnx_lobs.graph import find_layers
+    from onnx_lobs.modelio import LoadedModel
+    from tests.builders import single_layer
+
+    rng = np.random.default_rng(seed)
+    if groups == 1:
+        model = single_layer("Gemm", rng.standard_normal((6, 5)), (None, 6), bias=rng.standard_normal(5),
+                             dtype=dtype)
+        x = rng.standard_normal((200, 6)).astype(dtype)
+    else:
+        model = single_layer("Conv", rng.standard_normal((6, 6 // groups, 1, 1)), (None, 6, 3, 3),
+                             bias=rng.standard_normal(6), attrs={"group": groups}, dtype=dtype)
+        x = rng.standard_normal((40, 6, 3, 3)).astype(dtype)
+    (layer,), _ = find_layers(LoadedModel(model, "m.onnx"))
+    c = Collector(layer, joint)
+    node = layer.uses[0].node
+    xp = (x + 0.1 * rng.standard_normal(x.shape)).astype(dtype) if joint else None
+    c.fold(False, node, x, xp)
+    c.fold(True, node, x[:20], None if xp is None else xp[:20])
+    return model, layer, c, x, xp
+
+
+def _rows(x, layer):
+    """The unfolded inputs with the bias column, float64: the rows H is the mean over."""
+    if x.ndim == 4:  # a 1x1 conv: one row per sample and position, its channels split by group
+        cols = np.moveaxis(x, 1, -1).reshape(-1, layer.geometry.groups, x.shape[1] // layer.geometry.groups)
+    else:
+        cols = x[:, None, :]
+    return np.concatenate([cols, np.ones(cols.shape[:2] + (1,))], axis=2).astype(np.float64)
+
+
+def test_prepare_gives_the_dense_matrices_and_the_mean_hessian():
+    from onnx_lobs.solve import prepare
+
+    for groups in (1, 3):
+        _, layer, c, x, _ = _collected(groups=groups)
+        p = prepare(c)
+        w = layer.adapter.to_matrices(layer.uses[0].node, layer.read().astype(np.float64))
+        np.testing.assert_array_equal(p.old, w)
+        a = _rows(x, layer)
+        for k in range(groups):
+            np.testing.assert_allclose(p.hessians[0][k], a[:, k].T @ a[:, k] / len(a), rtol=1e-6, atol=1e-7)
+        assert p.protect is not None and p.protect[-1] and not p.protect[:-1].any()
+
+
+def test_prepare_refuses_an_overflowing_hessian():
+    from onnx_lobs.errors import LobsError
+    from onnx_lobs.solve import prepare
+
+    _, _, c, _, _ = _collected()
+    c.calib._xx[0, 0, 0] = np.inf
+    with pytest.raises(LobsError, match="too large for a Hessian"):
+        prepare(c)
+
+
+def test_solve_groups_spreads_the_count_and_solves_each_group_as_the_solver_does():
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solve import prepare, solve_groups
+    from onnx_lobs.solvers import SOLVERS, Target
+
+    _, layer, c, _, _ = _collected(groups=3)
+    p = prepare(c)
+    config = PruneConfig(method="magnitude", damp=0.01)
+    out = solve_groups(p, 0.5, config, None, layer.name)
+    total = round(0.5 * p.old.size)
+    counts = [total // 3 + (k < total % 3) for k in range(3)]
+    assert [int(out.pruned[k].sum()) for k in range(3)] == counts
+    for k in range(3):
+        w = np.c_[p.old[k], p.old_b[k]]
+        ref = SOLVERS["magnitude"].solve(w, p.hessians[0][k], Target(n_prune=counts[k], protect=p.protect, damp=0.01))
+        np.testing.assert_array_equal(out.new[k], ref.weights[:, :-1])
+        np.testing.assert_array_equal(out.new_b[k], ref.weights[:, -1])
+
+
+def test_sequential_start_is_the_least_squares_refit_on_the_pruned_inputs():
+    """W0 = W C H_p^-1 is what a least-squares fit of the dense outputs from the pruned inputs gives."""
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solve import prepare, solve_groups
+
+    _, layer, c, x, xp = _collected(dtype=np.float64, joint=True)
+    p = prepare(c)
+    out = solve_groups(p, 0.0, PruneConfig(method="lobs", damp=0.01), None, layer.name)
+    w = np.c_[p.old[0], p.old_b[0]]
+    ad, ap = _rows(x, layer)[:, 0], _rows(xp, layer)[:, 0]
+    refit = np.linalg.lstsq(ap, ad @ w.T, rcond=None)[0].T
+    # nothing removed at target 0: the result is W0 up to the 1% dampening of H_p
+    np.testing.assert_allclose(np.c_[out.new[0], out.new_b[0]], refit, rtol=0.05, atol=0.05)
+    assert out.w0_err <= out.start_err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_write_back_stores_in_the_weights_dtype_and_returns_what_was_stored(dtype):
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solve import prepare, solve_groups, write_back
+
+    _, layer, c, _, _ = _collected(dtype=dtype)
+    p = prepare(c)
+    out = solve_groups(p, 0.5, PruneConfig(method="lobs", damp=0.01), None, layer.name)
+    stored, new, new_b, mask = write_back(layer, out)
+    assert layer.read().dtype == dtype and np.array_equal(layer.read(), stored)
+    assert (stored[mask] == 0).all() and int(mask.sum()) == int(out.pruned.sum())
+    node = layer.uses[0].node
+    np.testing.assert_array_equal(new, layer.adapter.to_matrices(node, stored.astype(np.float64)))
+    np.testing.assert_array_equal(new_b, layer.adapter.bias_vector(node, layer.read_bias(), new.shape[1]))
+
+
+def test_measure_gives_the_direct_mean_squared_output_change():
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.report import LayerRecord
+    from onnx_lobs.solve import measure, prepare, solve_groups, write_back
+
+    _, layer, c, x, _ = _collected(dtype=np.float64)
+    p = prepare(c)
+    out = solve_groups(p, 0.5, PruneConfig(method="lobs", damp=0.01), None, layer.name)
+    _, new, new_b, _ = write_back(layer, out)
+    record = LayerRecord(layer.name, layer.op, layer.weight_name, 5, 6)
+    measure(p, new, new_b, c, record)
+    a = _rows(x, layer)[:, 0]
+    dw = np.c_[new[0], new_b[0]] - np.c_[p.old[0], p.old_b[0]]
+    direct = 0.5 * np.mean(np.sum((a @ dw.T) ** 2, axis=1))
+    held = 0.5 * np.mean(np.sum((a[:20] @ dw.T) ** 2, axis=1))
+    energy = 0.5 * np.mean(np.sum((a @ np.c_[p.old[0], p.old_b[0]].T) ** 2, axis=1))
+    assert record.error == pytest.approx(direct, rel=1e-9)
+    assert record.holdout_error == pytest.approx(held, rel=1e-9)
+    assert record.rel_error == pytest.approx(direct / energy, rel=1e-9)

@@ -6,8 +6,10 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lobs.graph import LoadedModel, find_layers
-from onnx_lobs.topology import expose, layer_stages
+from onnx_lobs.graph import find_layers
+from onnx_lobs.modelio import LoadedModel
+from onnx_lobs.activations import expose
+from onnx_lobs.topology import layer_stages
 from tests import subgraphs
 from tests.builders import make_model, mlp, tensor, vi
 

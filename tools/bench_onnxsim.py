@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import onnx_lobs  # noqa: E402
 from bench_speed import MODELS  # noqa: E402
 from onnx_lobs.evaluate import Fidelity  # noqa: E402
-from onnx_lobs.graph import find_layers, load_model  # noqa: E402
+from onnx_lobs.graph import find_layers  # noqa: E402
+from onnx_lobs.modelio import load_model  # noqa: E402
 
 
 def sparsity_of(model: onnx.ModelProto, names: set[str]) -> float:

@@ -166,7 +166,7 @@ def _timed(f):
 def profile_hooks(stats):
     """Time, per layer, the unfold (im2col) and the accumulator's add, by wrapping pruning.unfold:
     the time between yielding a chunk and being asked for the next is the add."""
-    module = activations if hasattr(activations, "unfold") else pruning
+    module = activations
     original = module.unfold
 
     def timed(adapter, node, x, weight_shape):

@@ -3,99 +3,58 @@
 A solver sees one weight matrix W [rows, cols] (the bias, when there is one, is the last
 column and is protected: compensated, never removed) and the layer's mean Hessian H. It knows
 nothing of ONNX, files or progress bars.
+
+Adding a solver: write its module here, named as the method, with
+`solve(w, h, target, **options) -> Solution` (Target, Solution and the N:M helpers come from
+.base), and add its one line to SOLVERS below. The pipeline, the CLI's --method and the tests
+that run over every solver all read SOLVERS.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
+from types import MappingProxyType
 
-import numpy as np
+from .base import (Solution, Target, group_of_column, merge_counts, nm_groups, nm_removals,  # noqa: F401
+                   removable_columns)
 
 
 @dataclass(frozen=True)
-class Target:
-    """How much to remove: exactly n_prune weights, or as many as keep the loss <= max_loss.
+class SolverSpec:
+    name: str
+    solve: Callable[..., Solution]
+    summary: str  # one line, for --method's help
+    # The dampening used instead of the grid of per-layer candidates (None: the grid).
+    fixed_damp: float | None = None
+    # The factorisation of the damped H the solver memoises (solvers.factors.times_inverse's kind),
+    # reused by sequential mode's start W0 = W C Hd^-1; None: the solver never inverts H.
+    factor: str | None = None
+    options: Mapping[str, object] = field(default_factory=dict)  # keywords the pipeline passes to solve
 
-    With an N:M pattern (nm given) n_prune and max_loss are ignored: every row removes exactly
-    m - nm_keep weights of each group (so at most nm_keep non-zeros per row remain in it), and
-    columns in no group are not pruned. A group's columns need not be contiguous: a Conv's
-    groups run along input channels at one kernel position (stride K in the column index).
-    """
-
-    n_prune: int | None = None
-    max_loss: float | None = None
-    protect: np.ndarray | None = None  # bool per column: never removed (the bias column)
-    damp: float = 0.01  # fraction of mean diag(H) added before inverting
-    nm: np.ndarray | None = None  # int [n_groups, m]: the columns of each N:M group
-    nm_keep: int = 0  # n in "n:m": non-zeros allowed per row in each group
-    block: int = 128  # sparsegpt: columns per lazily-updated block
-    # Factorisations of this H already made, keyed by kind and damp: shared by the solves of one
-    # Hessian (the damp grid), never by solves of different ones.
-    memo: dict | None = field(default=None, compare=False, repr=False)
+    def __post_init__(self):
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 
-@dataclass
-class Solution:
-    weights: np.ndarray  # new W, same shape; removed entries are exactly 0
-    pruned: np.ndarray  # bool mask, True where a weight was removed
-    predicted_loss: float  # the solver's own estimate of delta E
-    damp: float | None = None  # dampening actually used (None: H not inverted)
-    notes: list[str] = field(default_factory=list)
+def _spec(name: str, summary: str, **kw) -> SolverSpec:
+    """The spec of the module named after the method: its one line in SOLVERS is all it takes."""
+    return SolverSpec(name, import_module(f".{name}", __name__).solve, summary, **kw)
 
 
-def removable_columns(cols: int, target: Target) -> np.ndarray:
-    if target.protect is None:
-        return np.ones(cols, dtype=bool)
-    return ~np.asarray(target.protect, dtype=bool)
+SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
+    _spec("lobs", "the paper's algorithm", factor="inverse"),
+    # OBC downdates H^-1 exactly after every removal, so light dampening serves it, and a grid
+    # would multiply its (already cubic) cost.
+    _spec("obc", "exact greedy OBS with H^-1 downdates", fixed_damp=0.01, factor="inverse"),
+    _spec("sparsegpt", "blocked OBS on the Cholesky factor of H^-1", factor="upper", options={"block": 128}),
+    _spec("wanda", "|w|*||x||, no compensation"),
+    _spec("magnitude", "|w|, no compensation"),
+)}
+
+METHODS = tuple(SOLVERS)
 
 
-def nm_groups(cols: int, target: Target) -> np.ndarray | None:
-    """The validated N:M groups as an int64 [n_groups, m] array, or None without a pattern.
-
-    Groups must be disjoint, within range and free of protected columns.
-    """
-    if target.nm is None:
-        return None
-    groups = np.asarray(target.nm)
-    if groups.ndim != 2 or (groups.size and not np.issubdtype(groups.dtype, np.integer)):
-        raise ValueError("nm must be an integer array [n_groups, m] of column indices")
-    groups = groups.astype(np.int64)
-    if int(target.nm_keep) < 0:
-        raise ValueError(f"nm_keep must be >= 0, got {target.nm_keep}")
-    flat = groups.ravel()
-    if flat.size and (flat.min() < 0 or flat.max() >= cols):
-        raise ValueError(f"nm column index out of range for {cols} columns")
-    if len(np.unique(flat)) != flat.size:
-        raise ValueError("nm groups overlap (a column is listed twice)")
-    if flat.size and not removable_columns(cols, target)[flat].all():
-        raise ValueError("nm groups contain a protected column")
-    return groups
-
-
-def nm_removals(groups: np.ndarray, target: Target) -> int:
-    """How many weights each row removes under the pattern: m - n per group."""
-    return groups.shape[0] * max(groups.shape[1] - int(target.nm_keep), 0)
-
-
-def group_of_column(cols: int, groups: np.ndarray) -> np.ndarray:
-    """Per column, the index of its N:M group, or -1 when it is in none."""
-    of = np.full(cols, -1, dtype=np.int64)
-    of[groups.ravel()] = np.repeat(np.arange(groups.shape[0]), groups.shape[1])
-    return of
-
-
-def _methods():
-    from . import lobs, magnitude, obc, sparsegpt, wanda
-
-    return {"lobs": lobs.solve, "obc": obc.solve, "sparsegpt": sparsegpt.solve,
-            "wanda": wanda.solve, "magnitude": magnitude.solve}
-
-
-def get_solver(method: str):
-    methods = _methods()
-    if method not in methods:
-        raise KeyError(method)
-    return methods[method]
-
-
-METHODS = ("lobs", "obc", "sparsegpt", "wanda", "magnitude")
+def get_solver(method: str) -> Callable[..., Solution]:
+    """The method's solve function; KeyError for an unknown name."""
+    return SOLVERS[method].solve

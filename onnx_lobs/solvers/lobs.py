@@ -5,7 +5,8 @@ dw = -(w_q / [H^-1]_qq) H^-1[q, :]. H^-1 is shared by all rows and never updated
 evolve independently: we run every row's greedy removal sequence side by side (one vectorised
 step removes one weight from each row, O(rows x cols)), then merge the sequences in the order
 the layer-wide greedy would visit them. That greedy always takes the smallest head among the
-rows, which is the same as sorting each row's entries by the running maximum of its losses.
+rows, which is the same as sorting each row's entries by the running maximum of its losses
+(base.merge_counts, which obc shares).
 
 Removed weights stay exactly zero: later compensations do not revive them. Since they never
 feed later coefficients, a row's final weights are w0 - sum_t c_t H^-1[q_t, :] on its kept
@@ -22,9 +23,10 @@ import math
 
 import numpy as np
 
-from ..hessian import damped_inverse, layer_error
-from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
-from ._damped import memoised
+from ..hessian import layer_error
+from .base import (Solution, Target, group_of_column, merge_counts, nm_groups, nm_removals,
+                   removable_columns)
+from .factors import factor
 
 CHUNK_BYTES = 2 ** 18  # the rows one vectorised step handles: about this many bytes per array
 
@@ -106,25 +108,9 @@ class _Sequences:
         new[pruned] = 0.0
         return new, pruned, float(self.loss[r_idx, t_idx].sum())
 
-    def merge(self, n_prune, max_loss):
-        """Per-row counts of the layer-wide greedy, and rows whose sequence must go further."""
-        steps = np.arange(self.n_rem)[None, :]
-        computed = steps < self.done[:, None]
-        key = np.where(computed, np.maximum.accumulate(self.loss, axis=1), np.inf)
-        order = np.argsort(key, axis=None, kind="stable")
-        if n_prune is not None:
-            k = n_prune
-        else:
-            finite = int(computed.sum())
-            cum = np.cumsum(self.loss.ravel()[order[:finite]])
-            k = int(np.searchsorted(cum, max_loss * (1 + 1e-12), side="right"))
-        counts = np.bincount(order[:k] // max(self.n_rem, 1), minlength=len(self.done))
-        saturated = np.flatnonzero((counts >= self.done) & (self.done < self.n_rem))
-        return counts, saturated
-
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
-    inv = memoised(target.memo, ("inverse", target.damp), lambda: damped_inverse(h, target.damp))
+    inv = factor("inverse", h, target.damp, target.memo)
     rows, cols = w.shape
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)
@@ -140,7 +126,9 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
         first = max(16, seq.n_rem // 4)
     seq.advance(np.arange(rows), min(first, seq.n_rem))
     while True:
-        counts, saturated = seq.merge(n_prune, target.max_loss)
+        counts = merge_counts(seq.loss, seq.done, n_prune, target.max_loss)
+        # Rows the merge took to the end of their computed sequence may want more of it.
+        saturated = np.flatnonzero((counts >= seq.done) & (seq.done < seq.n_rem))
         if len(saturated) == 0:
             break
         seq.advance(saturated, max(8, first // 2))
@@ -153,12 +141,12 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
         lo, hi = 0, int(counts.sum())
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = seq.rebuild(w, seq.merge(mid, None)[0])
+            trial = seq.rebuild(w, merge_counts(seq.loss, seq.done, mid, None))
             if layer_error(w, trial[0], h) <= target.max_loss:
                 lo = mid
             else:
                 hi = mid
-        new, pruned, predicted = seq.rebuild(w, seq.merge(lo, None)[0])
+        new, pruned, predicted = seq.rebuild(w, merge_counts(seq.loss, seq.done, lo, None))
     return Solution(new, pruned, predicted, inv.damp, _notes(inv, target))
 
 

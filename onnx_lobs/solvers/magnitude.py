@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hessian import layer_error
-from . import Solution, Target, nm_groups, removable_columns
+from .base import Solution, Target, nm_groups, removable_columns
 
 
 def smallest_per_group(score: np.ndarray, groups: np.ndarray, n_remove: int) -> np.ndarray:

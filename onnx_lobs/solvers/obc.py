@@ -9,11 +9,11 @@ recorded loss w_q^2 / (2 G_qq) is the exact increment of the (damped) layer erro
 L-OBS whose H^-1 never changes. Dead inputs (diag H == 0) cost nothing to remove; protected
 columns are never removed but keep being compensated.
 
-The rows' loss sequences are then merged as lobs does (sorting by each row's running maximum,
-so each row's selection is a prefix of its sequence), the rows ending with different counts
-while the layer removes exactly n_prune, or as many as keep the summed exact losses within
-max_loss. N:M: each row removes m - n weights per group, a weight being eligible only while its
-group in that row holds more than n remaining weights; nothing to merge.
+The rows' loss sequences are then merged as lobs's are (base.merge_counts: sorting by each
+row's running maximum, so each row's selection is a prefix of its sequence), the rows ending
+with different counts while the layer removes exactly n_prune, or as many as keep the summed
+exact losses within max_loss. N:M: each row removes m - n weights per group, a weight being
+eligible only while its group in that row holds more than n remaining weights; nothing to merge.
 
 Computation. The greedy above is a Cholesky factorisation of Hd^-1 with a data-dependent pivot
 order, so it is computed like a blocked (right-looking) pivoted Cholesky, for a block of rows
@@ -49,9 +49,10 @@ import math
 import numpy as np
 from scipy.linalg import blas
 
-from ..hessian import damped_inverse, layer_error
-from . import Solution, Target, group_of_column, nm_groups, nm_removals, removable_columns
-from ._damped import damped_hessian, memoised
+from ..hessian import damped_hessian, layer_error
+from .base import (Solution, Target, group_of_column, merge_counts, nm_groups, nm_removals,
+                   removable_columns)
+from .factors import factor
 
 STACK_BYTES = 512 * 2 ** 20
 SINGLE_COLS = 1024  # from this width on the G stack is float32 (see the docstring)
@@ -235,23 +236,9 @@ def _solve(a, b):
     return x
 
 
-def _merge(loss, done, n_prune, max_loss):
-    """lobs's merge: per-row counts of the layer-wide greedy over the computed prefixes."""
-    rows, steps = loss.shape
-    computed = np.arange(steps)[None, :] < done[:, None]
-    key = np.where(computed, np.maximum.accumulate(loss, axis=1), np.inf)
-    order = np.argsort(key, axis=None, kind="stable")
-    if n_prune is not None:
-        k = n_prune
-    else:
-        cum = np.cumsum(loss.ravel()[order[:int(computed.sum())]])
-        k = int(np.searchsorted(cum, max_loss * (1 + 1e-12), side="right"))
-    return np.bincount(order[:k] // max(steps, 1), minlength=rows)
-
-
 def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
     rows, cols = w.shape
-    inv = memoised(target.memo, ("inverse", target.damp), lambda: damped_inverse(h, target.damp))
+    inv = factor("inverse", h, target.damp, target.memo)
     notes = [] if inv.damp == target.damp else [f"dampening raised to {inv.damp:g} to invert H"]
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)
@@ -276,7 +263,7 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
         q_seq[:, :limit], loss[:, :limit] = removal_sequences(w, inv.hinv, free, floor, rules, limit)
         done = np.full(rows, limit)
         while True:
-            counts = _merge(loss, done, n_prune, target.max_loss)
+            counts = merge_counts(loss, done, n_prune, target.max_loss)
             short = np.flatnonzero((counts >= done) & (done < total))
             if len(short) == 0:
                 break
@@ -292,9 +279,9 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
         lo, hi = 0, int(counts.sum())
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = final_weights(w, q_seq, _merge(loss, done, mid, None), hd, inv.hinv)[0]
+            trial = final_weights(w, q_seq, merge_counts(loss, done, mid, None), hd, inv.hinv)[0]
             lo, hi = (mid, hi) if layer_error(w, trial, h) <= target.max_loss else (lo, mid)
-        counts = _merge(loss, done, lo, None)
+        counts = merge_counts(loss, done, lo, None)
         new, pruned = final_weights(w, q_seq, counts, hd, inv.hinv)
         predicted = float(sum(loss[r, :c].sum() for r, c in enumerate(counts)))
     return Solution(new, pruned, predicted, inv.damp, notes)

@@ -13,7 +13,7 @@ is exactly sum err^2 / 2 whatever the mask. That is predicted_loss, except for d
 damp = 0 and no dead inputs predicted_loss is exactly layer_error; with damping it is an upper
 bound of it (the damped objective adds damp * scale * |dw|^2 / 2).
 
-Columns are processed in blocks of B = target.block; inside a block the update is applied
+Columns are processed in blocks of B (solve's `block`); inside a block the update is applied
 column by column to the block only (itself in sub-blocks of INNER columns with a matrix-product
 catch-up, see sweep), and the block's errors reach the later columns in one matrix product at
 its end (W[:, end:] -= Err @ U[block, end:]). The order of the additions changes, the result
@@ -46,8 +46,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..hessian import layer_error
-from . import Solution, Target, nm_groups, nm_removals, removable_columns
-from ._damped import inverse_upper_factor, memoised
+from .base import Solution, Target, nm_groups, nm_removals, removable_columns
+from .factors import factor
 
 INNER = 16  # columns updated one by one inside a block before a BLAS-3 catch-up
 
@@ -174,42 +174,44 @@ class _BlockChooser:
         self.mask[:, i1:i2] |= smallest(score, k)
 
 
-def _run(w, fac, target, removable, groups, n_prune):
+def _run(w, fac, target, block, removable, groups, n_prune):
     rows, cols = w.shape
     mask = np.zeros(w.shape, dtype=bool)
     diag_u = np.diagonal(fac.u)
     if groups is not None:
         chooser = _NMChooser(groups, groups.shape[1] - int(target.nm_keep), diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, target.block, choose_group=chooser)
+        new, errors = sweep(w, fac.u, mask, block, choose_group=chooser)
     else:
         chooser = _BlockChooser(rows, n_prune, removable, diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, target.block, choose_block=chooser)
+        new, errors = sweep(w, fac.u, mask, block, choose_block=chooser)
     predicted = 0.5 * float(np.sum(errors[:, ~fac.dead] ** 2))
     return new, mask, predicted
 
 
-def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
+def solve(w: np.ndarray, h: np.ndarray, target: Target, block: int = 128) -> Solution:
+    """block: B, the columns per lazily-updated block, which is also the unit of the
+    unstructured mask's selection (see the module docstring)."""
     rows, cols = w.shape
-    fac = memoised(target.memo, ("upper", target.damp), lambda: inverse_upper_factor(h, target.damp))
+    fac = factor("upper", h, target.damp, target.memo)
     removable = removable_columns(cols, target)
     groups = nm_groups(cols, target)
     notes = [] if fac.damp == target.damp else [f"dampening raised to {fac.damp:g} to factor H^-1"]
     if groups is not None and nm_removals(groups, target) == 0:
         groups = np.zeros((0, 1), dtype=np.int64)
     if groups is not None or target.n_prune is not None:
-        new, mask, predicted = _run(w, fac, target, removable, groups, target.n_prune)
+        new, mask, predicted = _run(w, fac, target, block, removable, groups, target.n_prune)
         return Solution(new, mask, predicted, fac.damp, notes)
 
     total = rows * int(removable.sum())
-    best = _run(w, fac, target, removable, None, 0)
-    trial = _run(w, fac, target, removable, None, total)
+    best = _run(w, fac, target, block, removable, None, 0)
+    trial = _run(w, fac, target, block, removable, None, total)
     if layer_error(w, trial[0], h) <= target.max_loss:
         best = trial
     else:
         lo, hi = 0, total  # error(lo) within budget, error(hi) over it
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = _run(w, fac, target, removable, None, mid)
+            trial = _run(w, fac, target, block, removable, None, mid)
             if layer_error(w, trial[0], h) <= target.max_loss:
                 lo, best = mid, trial
             else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hessian import layer_error
-from . import Solution, Target, nm_groups, removable_columns
+from .base import Solution, Target, nm_groups, removable_columns
 from .magnitude import smallest_per_group
 
 

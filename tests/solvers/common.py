@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_lobs.hessian import damped_inverse
+from onnx_lobs.solvers import SOLVERS
 
 
 def hessian_of(x: np.ndarray) -> np.ndarray:
@@ -29,6 +30,14 @@ def bias_protect(cols: int) -> np.ndarray:
 
 def n_removable(w, protect) -> int:
     return w.shape[0] * int(w.shape[1] - (0 if protect is None else np.sum(protect)))
+
+
+def solve_with(method, w, h, target, **options):
+    """The method's solve as the pipeline calls it (with its registry options), the options it
+    has among `options` overridden: solve_with(m, ..., block=5) reaches sparsegpt only."""
+    spec = SOLVERS[method]
+    ours = {k: v for k, v in options.items() if k in spec.options}
+    return spec.solve(w, h, target, **{**spec.options, **ours})
 
 
 def damped_matrix(h, damp):

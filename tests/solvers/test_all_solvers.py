@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from onnx_lobs.hessian import layer_error
-from onnx_lobs.solvers import (METHODS, Target, get_solver, lobs, magnitude, nm_groups, obc,
-                               sparsegpt, wanda)
+from onnx_lobs.solvers import (METHODS, SOLVERS, Target, get_solver, lobs, magnitude, nm_groups,
+                               obc, sparsegpt, wanda)
 
 from .common import (bias_protect, check_invariants, contiguous_groups, conv_groups,
-                     correlated_samples, hessian_of, n_removable)
+                     correlated_samples, hessian_of, n_removable, solve_with)
 
-USES_HINV = {"lobs", "obc", "sparsegpt"}
+USES_HINV = {m for m, spec in SOLVERS.items() if spec.factor is not None}
 
 
 def test_registry():
@@ -21,6 +21,10 @@ def test_registry():
         assert get_solver(name) is module.solve
     with pytest.raises(KeyError):
         get_solver("nope")
+    assert USES_HINV == {"lobs", "obc", "sparsegpt"}
+    for name, spec in SOLVERS.items():
+        assert spec.name == name and spec.summary
+    assert SOLVERS["obc"].fixed_damp == 0.01 and dict(SOLVERS["sparsegpt"].options) == {"block": 128}
 
 
 # --- invariants ----------------------------------------------------------------------------------
@@ -89,13 +93,13 @@ def test_nm_validity(method, pattern):
     w = rng.standard_normal((6, cols))
     w[0, groups[1]] = 0.0  # a whole group already zero in one row
     protect = bias_protect(cols)
-    sol = get_solver(method)(w, h, Target(n_prune=3, max_loss=None, protect=protect, nm=groups,
-                                          nm_keep=keep, block=5))
+    sol = solve_with(method, w, h, Target(n_prune=3, max_loss=None, protect=protect, nm=groups, nm_keep=keep),
+                     block=5)
     check_invariants(sol, w, protect, nm=groups, nm_keep=keep)
     per_row = groups.shape[0] * (groups.shape[1] - keep)
     assert sol.pruned.sum() == w.shape[0] * per_row
     # max_loss is ignored too
-    again = get_solver(method)(w, h, Target(max_loss=0.0, protect=protect, nm=groups, nm_keep=keep, block=5))
+    again = solve_with(method, w, h, Target(max_loss=0.0, protect=protect, nm=groups, nm_keep=keep), block=5)
     np.testing.assert_array_equal(again.pruned, sol.pruned)
 
 
@@ -179,7 +183,7 @@ def test_degenerate_hessian_stays_finite(method, kind, damp):
     total = n_removable(w, protect)
     solver = get_solver(method)
     for k in (0, 1, 7, total // 2, total - 1, total):
-        sol = solver(w, h, Target(n_prune=k, protect=protect, damp=damp, block=3))
+        sol = solve_with(method, w, h, Target(n_prune=k, protect=protect, damp=damp), block=3)
         check_invariants(sol, w, protect, expected_count=k)
         if method in USES_HINV:
             assert sol.damp >= damp
@@ -187,7 +191,7 @@ def test_degenerate_hessian_stays_finite(method, kind, damp):
     sol = solver(w, h, Target(max_loss=1e-3 * layer_error(w, 0 * w, h) + 1e-9, protect=protect, damp=damp))
     check_invariants(sol, w, protect)
     groups = contiguous_groups(8, 4)
-    sol = solver(w, h, Target(protect=protect, damp=damp, nm=groups, nm_keep=2, block=3))
+    sol = solve_with(method, w, h, Target(protect=protect, damp=damp, nm=groups, nm_keep=2), block=3)
     check_invariants(sol, w, protect, nm=groups, nm_keep=2)
 
 
@@ -200,7 +204,7 @@ def test_dead_inputs_are_free(method):
     x[:, [2, 5]] = 0.0
     w = rng.standard_normal((3, 8)) * 5.0
     h = hessian_of(x)
-    sol = get_solver(method)(w, h, Target(n_prune=6, block=4))
+    sol = solve_with(method, w, h, Target(n_prune=6), block=4)
     assert sol.pruned[:, [2, 5]].all()
     assert layer_error(w, sol.weights, h) == pytest.approx(0.0, abs=1e-12)
     if method != "wanda":

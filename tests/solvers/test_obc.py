@@ -266,7 +266,7 @@ def test_rows_in_blocks_and_lazy_panels_do_not_change_the_result():
     w = rng.standard_normal((7, cols))
     base = obc.solve(w, h, Target(n_prune=150))
     from onnx_lobs.hessian import damped_inverse
-    from onnx_lobs.solvers._damped import damped_hessian
+    from onnx_lobs.hessian import damped_hessian
     inv = damped_inverse(h, 0.01)
     hd, _ = damped_hessian(h, inv.damp)
     rules = obc._Rules(cols, np.ones(cols, bool))
@@ -288,7 +288,7 @@ def test_single_precision_stack_for_wide_layers_matches_double(monkeypatch):
     h = hessian_of(x)
     w = rng.standard_normal((rows, cols))
     from onnx_lobs.hessian import damped_inverse
-    from onnx_lobs.solvers._damped import damped_hessian
+    from onnx_lobs.hessian import damped_hessian
     inv = damped_inverse(h, 0.01)
     hd, _ = damped_hessian(h, inv.damp)
     rules = obc._Rules(cols, np.ones(cols, bool))

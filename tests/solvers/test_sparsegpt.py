@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lobs.hessian import damped_inverse, layer_error
+from onnx_lobs.hessian import damped_hessian, damped_inverse, layer_error
 from onnx_lobs.solvers import Target, sparsegpt
-from onnx_lobs.solvers._damped import damped_hessian, inverse_upper_factor
+from onnx_lobs.solvers.factors import inverse_upper_factor
 
 from .common import (bias_protect, check_invariants, contiguous_groups, conv_groups,
                      correlated_samples, damped_matrix, hessian_of, n_removable, output_error)
@@ -88,7 +88,7 @@ def _assert_matches(sol, ref):
 def test_n_prune_matches_reference(seed):
     w, h, protect, damp, block, rng = _random_case(seed)
     n_prune = int(rng.integers(0, n_removable(w, protect) + 1))
-    sol = sparsegpt.solve(w, h, Target(n_prune=n_prune, protect=protect, damp=damp, block=block))
+    sol = sparsegpt.solve(w, h, Target(n_prune=n_prune, protect=protect, damp=damp), block=block)
     check_invariants(sol, w, protect, expected_count=n_prune)
     _assert_matches(sol, reference_sparsegpt(w, h, damp, protect, n_prune, block))
 
@@ -114,8 +114,8 @@ def test_nm_matches_reference(seed, pattern, monkeypatch):
     w = rng.standard_normal((4, cols))
     block = int(rng.choice([1, 2, 4, 5, 128]))  # groups straddle blocks for most of these
     monkeypatch.setattr(sparsegpt, "INNER", int(rng.choice([1, 2, 3, 16])))  # and sub-blocks
-    target = Target(n_prune=3, protect=protect, damp=0.01, nm=groups, nm_keep=keep, block=block)
-    sol = sparsegpt.solve(w, h, target)
+    target = Target(n_prune=3, protect=protect, damp=0.01, nm=groups, nm_keep=keep)
+    sol = sparsegpt.solve(w, h, target, block=block)
     check_invariants(sol, w, protect, nm=groups, nm_keep=keep)
     _assert_matches(sol, reference_sparsegpt(w, h, 0.01, protect, block=block, nm=groups, nm_keep=keep))
 
@@ -144,10 +144,10 @@ def test_predicted_loss_is_the_exact_error(seed):
     x = correlated_samples(rng, 80, 12)
     h = hessian_of(x)
     w = rng.standard_normal((5, 12))
-    sol = sparsegpt.solve(w, h, Target(n_prune=30, damp=0.0, block=5))
+    sol = sparsegpt.solve(w, h, Target(n_prune=30, damp=0.0), block=5)
     assert sol.predicted_loss == pytest.approx(output_error(x, w, sol.weights), rel=1e-8)
     assert sol.predicted_loss == pytest.approx(layer_error(w, sol.weights, h), rel=1e-8)
-    sol = sparsegpt.solve(w, h, Target(n_prune=30, damp=0.1, block=5))
+    sol = sparsegpt.solve(w, h, Target(n_prune=30, damp=0.1), block=5)
     assert layer_error(w, sol.weights, h) <= sol.predicted_loss
 
 
@@ -159,7 +159,7 @@ def test_each_block_removes_its_share():
     w = rng.standard_normal((rows, cols))
     protect = bias_protect(cols)
     for n_prune in (0, 1, 100, 181, 363, rows * (cols - 1)):
-        sol = sparsegpt.solve(w, hessian_of(x), Target(n_prune=n_prune, protect=protect, block=block))
+        sol = sparsegpt.solve(w, hessian_of(x), Target(n_prune=n_prune, protect=protect), block=block)
         assert sol.pruned.sum() == n_prune
         ratio = n_prune / (rows * (cols - 1))
         for i1 in range(0, cols, block):
@@ -175,14 +175,14 @@ def test_max_loss_bisects_on_the_count():
     everything = layer_error(w, 0 * w, h)
     for frac in (0.0, 1e-3, 0.05, 0.3, 10.0):
         budget = frac * everything
-        sol = sparsegpt.solve(w, h, Target(max_loss=budget, block=4))
+        sol = sparsegpt.solve(w, h, Target(max_loss=budget), block=4)
         check_invariants(sol, w, None)
         assert layer_error(w, sol.weights, h) <= budget
         k = int(sol.pruned.sum())
-        again = sparsegpt.solve(w, h, Target(n_prune=k, block=4))
+        again = sparsegpt.solve(w, h, Target(n_prune=k), block=4)
         np.testing.assert_array_equal(again.pruned, sol.pruned)
         if k < w.size:  # the bisection stopped because one more was over the budget
-            over = sparsegpt.solve(w, h, Target(n_prune=k + 1, block=4))
+            over = sparsegpt.solve(w, h, Target(n_prune=k + 1), block=4)
             assert layer_error(w, over.weights, h) > budget
     assert sparsegpt.solve(w, h, Target(max_loss=10 * everything)).pruned.all()
 

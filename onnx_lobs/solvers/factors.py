@@ -1,18 +1,18 @@
-"""The factor of the damped Hessian's inverse that SparseGPT sweeps with, and the memo of
-factorisations that solves of one Hessian share.
+"""The factorisations of the damped Hessian that solvers use, and the memo that the solves of
+one Hessian share.
 
 The damped matrix is hessian.damped_hessian's (one definition for every solver): H with dead
-inputs decoupled, plus damp * mean(diag H) on the diagonal."""
+inputs decoupled, plus damp * mean(diag H) on the diagonal. Two kinds: "inverse", Hd^-1
+(hessian.damped_inverse; lobs and obc), and "upper", U with U^T U = Hd^-1 (sparsegpt)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import LinAlgError, lapack
+from scipy.linalg import lapack
 
-from ..hessian import damped_hessian, damped_inverse  # noqa: F401  (damped_hessian: re-exported, the
-# solvers' one definition)
+from ..hessian import damped_hessian, damped_inverse, raise_damp_until
 
 
 @dataclass
@@ -32,8 +32,7 @@ def inverse_upper_factor(h: np.ndarray, damp: float, max_tries: int = 8) -> Inve
     Dead inputs and the raising of damp follow damped_inverse (the condition differs only in
     that this factorisation, not damped_inverse's, must succeed).
     """
-    d = damp
-    for _ in range(max_tries):
+    def attempt(d):
         hd, dead = damped_hessian(h, d)
         n = hd.shape[0]
         # P Hd P as a C array is Hd's memory reversed. LAPACK sees that memory in Fortran
@@ -42,15 +41,18 @@ def inverse_upper_factor(h: np.ndarray, damp: float, max_tries: int = 8) -> Inve
         rev = hd.ravel()[::-1].copy().reshape(n, n)
         del hd
         up, info = lapack.dpotrf(rev.T, lower=0, clean=1, overwrite_a=1)
-        if info == 0:
-            inv_up, info = lapack.dtrtri(up, lower=0, overwrite_c=1)
-            if info == 0:
-                # U = P L^-1 P: L^-1's C-order memory, reversed.
-                u = np.ascontiguousarray(inv_up.T).ravel()[::-1].copy().reshape(n, n)
-                if np.all(np.diagonal(u) > 0) and np.isfinite(u).all():
-                    return InverseFactor(u, d, dead)
-        d = d * 10 if d > 0 else 1e-8
-    raise LinAlgError("Hessian could not be regularised")
+        if info != 0:
+            return None
+        inv_up, info = lapack.dtrtri(up, lower=0, overwrite_c=1)
+        if info != 0:
+            return None
+        # U = P L^-1 P: L^-1's C-order memory, reversed.
+        u = np.ascontiguousarray(inv_up.T).ravel()[::-1].copy().reshape(n, n)
+        if np.all(np.diagonal(u) > 0) and np.isfinite(u).all():
+            return InverseFactor(u, d, dead)
+        return None
+
+    return raise_damp_until(attempt, damp, max_tries)
 
 
 def memoised(memo: dict | None, key: tuple, compute):
@@ -64,8 +66,12 @@ def memoised(memo: dict | None, key: tuple, compute):
     return memo[key]
 
 
-# The factorisation each solver memoises for its Hessian (see times_inverse).
-FACTOR_OF = {"sparsegpt": "upper", "lobs": "inverse", "obc": "inverse"}
+_FACTORISE = {"inverse": damped_inverse, "upper": inverse_upper_factor}
+
+
+def factor(kind: str, h: np.ndarray, damp: float, memo: dict | None):
+    """The factorisation `kind` ("inverse" or "upper") of the damped h, memoised under (kind, damp)."""
+    return memoised(memo, (kind, damp), lambda: _FACTORISE[kind](h, damp))
 
 
 def times_inverse(a: np.ndarray, h: np.ndarray, damp: float, kind: str, memo: dict) -> np.ndarray:
@@ -73,6 +79,6 @@ def times_inverse(a: np.ndarray, h: np.ndarray, damp: float, kind: str, memo: di
     that will use it: sequential mode's start W0 = W C Hd^-1 then costs products with a matrix the
     solve needs anyway, not a Cholesky of its own."""
     if kind == "upper":
-        u = memoised(memo, ("upper", damp), lambda: inverse_upper_factor(h, damp)).u
+        u = factor("upper", h, damp, memo).u
         return (a @ u.T) @ u
-    return a @ memoised(memo, ("inverse", damp), lambda: damped_inverse(h, damp)).hinv
+    return a @ factor("inverse", h, damp, memo).hinv

@@ -1,7 +1,7 @@
 """Single-node models and brute-force references for the adapter tests.
 
-The ref_* functions share no code with onnx_lobs.layers; columns() and hessian_from_chunks()
-drive the adapters under test.
+The ref_* functions share no code with onnx_lobs.layers (a shared bug would hide itself);
+columns() and hessian_from_chunks() drive the adapters under test.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_lobs.hessian import HessianAccumulator
 from onnx_lobs.layers import unfold
-from tests.builders import make_model, single_layer, tensor, vi
+
+from ..builders import make_model, single_layer, tensor, vi
 
 HESS_RTOL = 1e-10  # the exact (float64) accumulator against the brute-force references
 FAST_RTOL = 1e-6  # the default accumulator's float32 products against the same references
+F32_TOL = 1e-4  # columns @ matrices against onnxruntime's float32 op
+F64_TOL = 1e-11  # ... and against its float64 op
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +81,7 @@ def rel_fro(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
-def assert_op_close(got, ref, dtype):
-    tol = 1e-4 if dtype == np.float32 else 1e-11
+def assert_op_close(got, ref, tol):
     scale = max(1.0, float(np.max(np.abs(ref))))
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
 
@@ -178,6 +180,88 @@ def ref_hessian(patches, bias):
                 v[c] = 1.0
             h[gi] += np.outer(v, v)
     return h / n
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvTranspose by its definition (every input element scatters W[c, :, k] * x into the output)
+
+
+def ref_ct_layout(x_shape, w_shape, attrs):
+    """Per axis (begin crop, output size): the spec's formulas, with onnxruntime's clamp of the
+    total crop at 0 for output_shape and SAME_* (the spec's SAME target in*s is then not met)."""
+    spatial, kernel = x_shape[2:], w_shape[2:]
+    d = len(spatial)
+    s = attrs.get("strides", [1] * d)
+    dil = attrs.get("dilations", [1] * d)
+    extra = attrs.get("output_padding", [0] * d)
+    pads = attrs.get("pads", [0] * (2 * d))
+    auto = attrs.get("auto_pad", "NOTSET")
+    shape = attrs.get("output_shape")
+    begin, out = [], []
+    for i in range(d):
+        full = s[i] * (spatial[i] - 1) + extra[i] + (kernel[i] - 1) * dil[i] + 1
+        if shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+            target = shape[i] if shape is not None else spatial[i] * s[i]
+            total = max(0, full - target)
+            b = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            begin.append(b)
+            out.append(target if shape is not None else full - total)
+        elif auto == "VALID":
+            begin.append(0)
+            out.append(full)
+        else:
+            begin.append(pads[i])
+            out.append(full - pads[i] - pads[i + d])
+    return begin, out
+
+
+def ref_ct_output(x, w, b, attrs):
+    """The op by its definition: y[n, g*Cog + o, i*s + k*d - begin] += x[n, g*Cig + c, i] W[g*Cig + c, o, k]."""
+    g = attrs.get("group", 1)
+    d = x.ndim - 2
+    cig, cog = w.shape[0] // g, w.shape[1]
+    s = attrs.get("strides", [1] * d)
+    dil = attrs.get("dilations", [1] * d)
+    begin, out = ref_ct_layout(x.shape, w.shape, attrs)
+    y = np.zeros((x.shape[0], g * cog) + tuple(out))
+    for n in range(x.shape[0]):
+        for ci in range(x.shape[1]):
+            gi = ci // cig
+            for i in itertools.product(*[range(v) for v in x.shape[2:]]):
+                for k in itertools.product(*[range(v) for v in w.shape[2:]]):
+                    p = [i[a] * s[a] + k[a] * dil[a] - begin[a] for a in range(d)]
+                    if all(0 <= p[a] < out[a] for a in range(d)):
+                        for o in range(cog):
+                            y[(n, gi * cog + o) + tuple(p)] += float(x[(n, ci) + i]) * float(w[(ci, o) + k])
+    if b is not None:
+        y += np.asarray(b, np.float64).reshape((1, -1) + (1,) * d)
+    return y
+
+
+def ref_ct_patches(x, w_shape, attrs):
+    """[groups, N * positions, Cig * prod(k)]: column (c, k) of output position p holds the input
+    element that W[c, :, k] carries to p, x[c, (p + begin - k*d) / s] when that is a whole index
+    inside x, else 0. Explicit loops and divisibility checks; no zero-inserted array."""
+    g = attrs.get("group", 1)
+    d = x.ndim - 2
+    cig = w_shape[0] // g
+    s = attrs.get("strides", [1] * d)
+    dil = attrs.get("dilations", [1] * d)
+    begin, out = ref_ct_layout(x.shape, w_shape, attrs)
+    groups = [[] for _ in range(g)]
+    for n in range(x.shape[0]):
+        for p in itertools.product(*[range(o) for o in out]):
+            for gi in range(g):
+                patch = []
+                for c in range(cig):
+                    for k in itertools.product(*[range(v) for v in w_shape[2:]]):
+                        num = [p[a] + begin[a] - k[a] * dil[a] for a in range(d)]
+                        if all(num[a] % s[a] == 0 and 0 <= num[a] // s[a] < x.shape[2 + a] for a in range(d)):
+                            patch.append(float(x[(n, gi * cig + c) + tuple(num[a] // s[a] for a in range(d))]))
+                        else:
+                            patch.append(0.0)
+                groups[gi].append(patch)
+    return np.array(groups, dtype=np.float64), out
 
 
 def case_ids(cases):

@@ -1,4 +1,6 @@
-"""ConvTranspose adapter checked against the op's definition and onnxruntime (see test_layers.py)."""
+"""ConvTranspose: its cases for the contract (test_contract.py), and the checks against the op's
+definition that only it has (onnxruntime runs it in float32 only), its matrix layout, chunking.
+"""
 
 from __future__ import annotations
 
@@ -11,93 +13,9 @@ from onnx import helper
 
 from onnx_lobs import layers
 from onnx_lobs.layers import ADAPTERS
-from tests.layer_refs import (
-    FAST_RTOL, HESS_RTOL, build_model, case_ids, case_rng, columns, conv_operator, hessian_from_chunks,
-    ref_hessian, rel_fro, run_model)
 
-
-# ----------------------------------------------------------------------------------------------
-# ConvTranspose: the conv of the zero-inserted input, checked against the op's own definition
-# (every input element scatters W[c, :, k] * x into the output) and against onnxruntime.
-
-
-def ref_ct_layout(x_shape, w_shape, attrs):
-    """Per axis (begin crop, output size): the spec's formulas, with onnxruntime's clamp of the
-    total crop at 0 for output_shape and SAME_* (the spec's SAME target in*s is then not met)."""
-    spatial, kernel = x_shape[2:], w_shape[2:]
-    d = len(spatial)
-    s = attrs.get("strides", [1] * d)
-    dil = attrs.get("dilations", [1] * d)
-    extra = attrs.get("output_padding", [0] * d)
-    pads = attrs.get("pads", [0] * (2 * d))
-    auto = attrs.get("auto_pad", "NOTSET")
-    shape = attrs.get("output_shape")
-    begin, out = [], []
-    for i in range(d):
-        full = s[i] * (spatial[i] - 1) + extra[i] + (kernel[i] - 1) * dil[i] + 1
-        if shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-            target = shape[i] if shape is not None else spatial[i] * s[i]
-            total = max(0, full - target)
-            b = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            begin.append(b)
-            out.append(target if shape is not None else full - total)
-        elif auto == "VALID":
-            begin.append(0)
-            out.append(full)
-        else:
-            begin.append(pads[i])
-            out.append(full - pads[i] - pads[i + d])
-    return begin, out
-
-
-def ref_ct_output(x, w, b, attrs):
-    """The op by its definition: y[n, g*Cog + o, i*s + k*d - begin] += x[n, g*Cig + c, i] W[g*Cig + c, o, k]."""
-    g = attrs.get("group", 1)
-    d = x.ndim - 2
-    cig, cog = w.shape[0] // g, w.shape[1]
-    s = attrs.get("strides", [1] * d)
-    dil = attrs.get("dilations", [1] * d)
-    begin, out = ref_ct_layout(x.shape, w.shape, attrs)
-    y = np.zeros((x.shape[0], g * cog) + tuple(out))
-    for n in range(x.shape[0]):
-        for ci in range(x.shape[1]):
-            gi = ci // cig
-            for i in itertools.product(*[range(v) for v in x.shape[2:]]):
-                for k in itertools.product(*[range(v) for v in w.shape[2:]]):
-                    p = [i[a] * s[a] + k[a] * dil[a] - begin[a] for a in range(d)]
-                    if all(0 <= p[a] < out[a] for a in range(d)):
-                        for o in range(cog):
-                            y[(n, gi * cog + o) + tuple(p)] += float(x[(n, ci) + i]) * float(w[(ci, o) + k])
-    if b is not None:
-        y += np.asarray(b, np.float64).reshape((1, -1) + (1,) * d)
-    return y
-
-
-def ref_ct_patches(x, w_shape, attrs):
-    """[groups, N * positions, Cig * prod(k)]: column (c, k) of output position p holds the input
-    element that W[c, :, k] carries to p, x[c, (p + begin - k*d) / s] when that is a whole index
-    inside x, else 0. Explicit loops and divisibility checks; no zero-inserted array."""
-    g = attrs.get("group", 1)
-    d = x.ndim - 2
-    cig = w_shape[0] // g
-    s = attrs.get("strides", [1] * d)
-    dil = attrs.get("dilations", [1] * d)
-    begin, out = ref_ct_layout(x.shape, w_shape, attrs)
-    groups = [[] for _ in range(g)]
-    for n in range(x.shape[0]):
-        for p in itertools.product(*[range(o) for o in out]):
-            for gi in range(g):
-                patch = []
-                for c in range(cig):
-                    for k in itertools.product(*[range(v) for v in w_shape[2:]]):
-                        num = [p[a] + begin[a] - k[a] * dil[a] for a in range(d)]
-                        if all(num[a] % s[a] == 0 and 0 <= num[a] // s[a] < x.shape[2 + a] for a in range(d)):
-                            patch.append(float(x[(n, gi * cig + c) + tuple(num[a] // s[a] for a in range(d))]))
-                        else:
-                            patch.append(0.0)
-                groups[gi].append(patch)
-    return np.array(groups, dtype=np.float64), out
-
+from .cases import LayerCase
+from .refs import build_model, columns, conv_operator, ref_ct_layout, ref_ct_output, ref_ct_patches, run_model
 
 # (id, x_shape, w_shape, attrs, with_bias)
 CT_CASES = [
@@ -169,19 +87,27 @@ def _ct_random_cases(count, seed=2024):
 
 CT_ALL = CT_CASES + _ct_random_cases(40)
 
-
-def _ct_setup(case, dtype=np.float32):
-    name, x_shape, w_shape, attrs, with_bias = case
-    rng = case_rng("ct" + name)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    b = rng.standard_normal(w_shape[1] * attrs.get("group", 1)).astype(dtype) if with_bias else None
-    model = build_model("ConvTranspose", w, x_shape, bias=b, attrs=attrs, dtype=dtype)
-    return x, w, b, model, model.graph.node[0]
+# the representatives of the structured-pruning checks: plain, strided, cropped, grouped, depthwise
+STRUCTURAL = {"1d", "1d-stride3-dil2-pads", "2d-unet-up", "2d-groups2", "2d-groups2-same", "2d-depthwise",
+              "3d-groups-dil"}
 
 
-def _ct_from_columns(adapter, node, x, w, b):
-    """The op's output rebuilt from the unfolded columns and matrices: [N, C_out, out...]."""
+def _reference(x, w_shape, attrs):
+    patches, out = ref_ct_patches(x, w_shape, attrs)
+    return patches, (x.shape[0], w_shape[1] * attrs.get("group", 1)) + tuple(out)
+
+
+def _ct_case(name, x_shape, w_shape, attrs, with_bias, dtype=np.float32):
+    return LayerCase("ConvTranspose", name, x_shape, w_shape, attrs,
+                     (w_shape[1] * attrs.get("group", 1),) if with_bias else None, _reference, dtype=dtype,
+                     seed="ct", op_tol=1e-5, same_positions="outputs", structural=name in STRUCTURAL)
+
+
+CASES = [_ct_case(*c) for c in CT_ALL]
+
+
+def _from_columns(adapter, node, x, w, b):
+    """The op's output rebuilt from the unfolded columns and matrices: [positions, C_out]."""
     geom = adapter.geometry(node, w.shape)
     cols, _ = columns(adapter, node, x, w.shape)
     mats = adapter.to_matrices(node, w.astype(np.float64))
@@ -193,71 +119,35 @@ def _ct_from_columns(adapter, node, x, w, b):
     return np.concatenate(parts, axis=1), cols
 
 
-@pytest.mark.parametrize("case", CT_ALL, ids=case_ids(CT_ALL))
-def test_conv_transpose_columns_reproduce_op(case):
-    x, w, b, model, node = _ct_setup(case)
-    adapter = ADAPTERS["ConvTranspose"]
-    assert adapter.skip_reason(node, w.shape) is None
-    geom = adapter.geometry(node, w.shape)
-    got, cols = _ct_from_columns(adapter, node, x, w, b)
-    assert cols.dtype == np.float32 and cols.shape[0] == geom.groups and cols.shape[2] == geom.cols
-    y = run_model(model, x).astype(np.float64)  # onnxruntime
-    ref = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
-    # the definition (scatter form) agrees with onnxruntime, and the columns are the brute-force ones
-    np.testing.assert_allclose(ref_ct_output(x, w, b, case[3]), y, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(y).max()))
-    patches, out = ref_ct_patches(x, w.shape, case[3])
-    assert tuple(out) == y.shape[2:]
-    np.testing.assert_array_equal(cols, patches)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_transpose_definition_matches_onnxruntime(case):
+    """The reference the contract's brute-force columns rest on (the scatter form) is the op."""
+    x, w, b, model, _ = case.setup()
+    y = run_model(model, x).astype(np.float64)
+    np.testing.assert_allclose(ref_ct_output(x, w, b, case.attrs), y, rtol=1e-5,
+                               atol=1e-5 * max(1.0, np.abs(y).max()))
 
 
-@pytest.mark.parametrize("case", CT_CASES, ids=case_ids(CT_CASES))
+@pytest.mark.parametrize("case", [_ct_case(*c, dtype=np.float64) for c in CT_CASES], ids=str)
 def test_conv_transpose_float64_columns_reproduce_definition(case):
     """onnxruntime has no float64 ConvTranspose: the float64 check is against the definition."""
-    x, w, b, _, node = _ct_setup(case, np.float64)
-    adapter = ADAPTERS["ConvTranspose"]
-    got, cols = _ct_from_columns(adapter, node, x, w, b)
+    x, w, b, _, node = case.setup()
+    got, cols = _from_columns(ADAPTERS["ConvTranspose"], node, x, w, b)
     assert cols.dtype == np.float64
-    y = ref_ct_output(x, w, b, case[3])
-    ref = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    ref = case.rows(ref_ct_output(x, w, b, case.attrs))
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("case", CT_ALL, ids=case_ids(CT_ALL))
-def test_conv_transpose_hessian_matches_loops(case):
-    _, _, w_shape, attrs, with_bias = case
-    x, w, _, _, node = _ct_setup(case)
-    adapter = ADAPTERS["ConvTranspose"]
-    h, n = hessian_from_chunks(adapter, node, x, w.shape, with_bias)
-    patches, out = ref_ct_patches(x, w_shape, attrs)
-    assert n == x.shape[0] * math.prod(out)
-    ref = ref_hessian(patches, with_bias)
-    assert h.shape == ref.shape
-    assert rel_fro(h, ref) <= HESS_RTOL
-    h_fast, _ = hessian_from_chunks(adapter, node, x, w.shape, with_bias, exact=False)
-    assert rel_fro(h_fast, ref) <= FAST_RTOL
-
-
-@pytest.mark.parametrize("case", CT_ALL, ids=case_ids(CT_ALL))
-def test_conv_transpose_round_trips(case):
-    x, w, b, _, node = _ct_setup(case)
-    adapter = ADAPTERS["ConvTranspose"]
-    g = case[3].get("group", 1)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_transpose_matrix_layout(case):
+    """Row o of group gi, column (c, kernel position): the stored W[gi*cig + c, o, position]."""
+    _, w, _, _, node = case.setup()
+    g = case.attrs.get("group", 1)
     cig, cog, k = w.shape[0] // g, w.shape[1], math.prod(w.shape[2:])
-    mats = adapter.to_matrices(node, w)
+    mats = ADAPTERS["ConvTranspose"].to_matrices(node, w)
     assert mats.shape == (g, cog, cig * k)
-    # row o of group gi, column (c, kernel position): the stored W[gi*cig + c, o, position]
     for gi, o, c, kk in itertools.product(range(g), range(cog), range(cig), range(k)):
         assert mats[gi, o, c * k + kk] == w[gi * cig + c, o].ravel()[kk]
-    for arr in (w, w.astype(np.float64), w != 0):
-        back = adapter.from_matrices(node, adapter.to_matrices(node, arr), arr)
-        assert back.shape == arr.shape and back.dtype == arr.dtype
-        np.testing.assert_array_equal(back, arr)
-    if b is not None:
-        bvec = adapter.bias_vector(node, b, cog * g)
-        assert bvec.shape == (g, cog)
-        np.testing.assert_array_equal(adapter.bias_from_vector(node, bvec, b), b)
 
 
 def test_conv_transpose_nm_groups_run_along_input_channels():
@@ -287,10 +177,10 @@ def test_conv_transpose_skip_reasons():
     assert adapter.skip_reason(helper.make_node("ConvTranspose", ["a", "b"], ["y"], group=2), (4, 1, 3, 3)) is None
 
 
-@pytest.mark.parametrize("case", [c for c in CT_CASES if c[0] in ("1d-stride3-dil2-pads", "2d-groups2", "3d")],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("1d-stride3-dil2-pads", "2d-groups2", "3d")],
+                         ids=str)
 def test_conv_transpose_chunking_leaves_columns_unchanged(case, monkeypatch):
-    x, w, _, _, node = _ct_setup(case)
+    x, w, _, _, node = case.setup()
     x = np.concatenate([x] * 3)
     adapter = ADAPTERS["ConvTranspose"]
     full, n_full = columns(adapter, node, x, w.shape)
@@ -298,7 +188,7 @@ def test_conv_transpose_chunking_leaves_columns_unchanged(case, monkeypatch):
     for patch in (dict(CHUNK_BYTES=1), dict(CHUNK_ROWS=full.shape[1] // len(x) + 1)):
         with monkeypatch.context() as m:
             for name, value in patch.items():
-                m.setattr(layers, name, value)
+                m.setattr(layers.base, name, value)
             cols, n = columns(adapter, node, x, w.shape)
             assert n > 1
             np.testing.assert_array_equal(cols, full)

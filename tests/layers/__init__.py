@@ -1,0 +1,1 @@
+"""Tests of onnx_lobs.layers: one module per adapter module, and one contract over all of them."""

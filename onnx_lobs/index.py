@@ -5,7 +5,8 @@ onnx-ir resolves names lexically (a body reads an outer value as that very value
 include the body's nodes) and wraps the model's tensors without copying them. What it does not
 do is wrapped here, in one place:
 - a graph does not know the node and attribute it is the body of (`scope`);
-- sparse initializers are dropped: a reference to one is a dangling value (`is_sparse`);
+- sparse initializers are dropped: a reference to one is a dangling value (`is_sparse`), and
+  `write_ir` puts them back when the IR is written out;
 - the IR does not keep the protobuf it came from. Each IR node is paired once, when the index is
   built, with its NodeProto (`Site.proto`): weights are written back into the protobuf in place,
   so that a model changes in nothing but what was pruned.
@@ -55,6 +56,48 @@ def read_ir(model: ModelProto) -> ir.Model:
         return ir.serde.deserialize_model(model)
 
 
+def write_ir(model: ir.Model, original: ModelProto | None = None) -> ModelProto:
+    """The IR as a protobuf. onnx-ir drops sparse initializers: given the model the IR was read
+    from, the main graph gets back those its nodes still read, and each body its own (found by
+    position: a rewrite that keeps bodies appends nodes, it does not reorder them)."""
+    out = ir.serde.serialize_model(model)
+    if original is not None:
+        read = _names_read(out.graph)
+        out.graph.sparse_initializer.extend(t for t in original.graph.sparse_initializer if t.values.name in read)
+        _restore_bodies(out.graph, original.graph)
+    return out
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _names_read(a.g)
+    return names
+
+
+def _restore_bodies(out: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    for a, b in zip(original.node, out.node):
+        bodies = {x.name: x for x in b.attribute if x.type == onnx.AttributeProto.GRAPH}
+        for attr in a.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            if a.op_type != b.op_type or attr.name not in bodies:
+                if _has_sparse(attr.g):
+                    raise ValueError(f"node {a.name or a.op_type}: its body's sparse initializers cannot "
+                                       "be put back after this rewrite")
+                continue
+            bodies[attr.name].g.sparse_initializer.extend(attr.g.sparse_initializer)
+            _restore_bodies(bodies[attr.name].g, attr.g)
+
+
+def _has_sparse(graph: onnx.GraphProto) -> bool:
+    return bool(graph.sparse_initializer) or any(
+        _has_sparse(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+
+
 def subgraphs(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
     """(attribute name, body) of every graph a node holds, in attribute order."""
     for name, attr in node.attributes.items():
@@ -63,6 +106,11 @@ def subgraphs(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
         elif attr.type == ir.AttributeType.GRAPHS:
             for g in attr.value:
                 yield name, g
+
+
+def body(node: ir.Node, attr: str) -> ir.Graph:
+    """The body a node holds under an attribute (then_branch, else_branch, body)."""
+    return next(g for name, g in subgraphs(node) if name == attr)
 
 
 class GraphIndex:
@@ -93,7 +141,9 @@ class GraphIndex:
             self._at[site.path] = site
             bodies = [(a.name, g) for a in node_proto.attribute
                       for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-            for (name, body), (_, body_proto) in zip(subgraphs(node), bodies):
+            for (name, body), (proto_name, body_proto) in zip(subgraphs(node), bodies):
+                if name != proto_name:
+                    raise AssertionError(f"node {site.label}: onnx-ir reordered its bodies")
                 self._parent[body] = (node, name)
                 self._protos[body] = body_proto
                 self._walk(body, body_proto, scope + ((node, name),))
@@ -120,15 +170,9 @@ class GraphIndex:
             graph = parent.graph
         return tuple(reversed(chain))
 
-    def proto_of(self, graph: ir.Graph) -> GraphProto:
-        return self._protos[graph]
-
     def graphs(self) -> Iterator[ir.Graph]:
         yield self.ir.graph
         yield from self._parent
-
-    def body(self, node: ir.Node, attr: str) -> ir.Graph:
-        return next(g for name, g in subgraphs(node) if name == attr)
 
     # ------------------------------------------------------------------ values
 
@@ -159,10 +203,10 @@ def address(scope: Scope) -> Address:
 
 
 def resolve(model: ir.Model, address: Address) -> Scope:
-    """The scope at an address (GraphIndex.address) in another model of the same structure."""
+    """The scope at an address (address()) in a model of the same structure."""
     graph, scope = model.graph, []
     for position, name in address:
         node = graph.node(position)
         scope.append((node, name))
-        graph = next(g for attr, g in subgraphs(node) if attr == name)
+        graph = body(node, name)
     return tuple(scope)

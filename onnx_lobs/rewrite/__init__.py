@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import onnx
 import onnx_ir as ir
 
+from ..index import write_ir
+
 
 class Rule(Protocol):
     name: str
@@ -36,42 +38,6 @@ def apply(rule: Rule, model: ir.Model, target: Any) -> Any:
 
 
 def to_proto(model: ir.Model, original: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """The rewritten model as a protobuf. onnx-ir drops sparse initializers: given the model the IR
-    was read from, the main graph gets back those its nodes still read, and each body its own
-    (found by position: a rule that keeps bodies appends nodes, it does not reorder them)."""
-    out = ir.serde.serialize_model(model)
-    if original is not None:
-        read = _names_read(out.graph)
-        out.graph.sparse_initializer.extend(t for t in original.graph.sparse_initializer if t.values.name in read)
-        _restore_bodies(out.graph, original.graph)
-    return out
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _names_read(a.g)
-    return names
-
-
-def _restore_bodies(out: onnx.GraphProto, original: onnx.GraphProto) -> None:
-    for a, b in zip(original.node, out.node):
-        bodies = {x.name: x for x in b.attribute if x.type == onnx.AttributeProto.GRAPH}
-        for attr in a.attribute:
-            if attr.type != onnx.AttributeProto.GRAPH:
-                continue
-            if a.op_type != b.op_type or attr.name not in bodies:
-                if _has_sparse(attr.g):
-                    raise RewriteError(f"node {a.name or a.op_type}: its body's sparse initializers cannot "
-                                       "be put back after this rewrite")
-                continue
-            bodies[attr.name].g.sparse_initializer.extend(attr.g.sparse_initializer)
-            _restore_bodies(bodies[attr.name].g, attr.g)
-
-
-def _has_sparse(graph: onnx.GraphProto) -> bool:
-    return bool(graph.sparse_initializer) or any(
-        _has_sparse(a.g) for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    """The rewritten model as a protobuf, with what onnx-ir drops put back from the model it was
+    read from (index.write_ir)."""
+    return write_ir(model, original)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..index import Address, resolve, subgraphs
+from ..index import Address, body, resolve
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,14 @@ class ExposeValue:
             scope = resolve(model, target.address)
         except (IndexError, StopIteration):
             return f"no body at {target.address}"
-        graph = model.graph if not scope else _body(*scope[-1])
+        graph = model.graph if not scope else body(*scope[-1])
         if _find(graph, target.name) is None:
             return f"no value '{target.name}' in the graph at {target.address or 'the top'}"
         return None
 
     def apply(self, model: ir.Model, target: Request) -> Exposed:
         scope = resolve(model, target.address)
-        graph = model.graph if not scope else _body(*scope[-1])
+        graph = model.graph if not scope else body(*scope[-1])
         value = _find(graph, target.name)
         if not scope:
             if value.is_graph_input() and not value.is_initializer() or value.is_graph_output():
@@ -105,7 +105,7 @@ class ExposeValue:
         current, shape, stacked = value, None, 0
         for parent, attr in reversed(scope):
             if legacy and parent.op_type == "If" and shape is None:
-                current, shape = _flatten(_body(parent, attr), current, names)
+                current, shape = _flatten(body(parent, attr), current, names)
             current, added = _lift(parent, attr, current, names, target.dtype, legacy)
             if shape is not None:
                 shape, _ = _lift(parent, attr, shape, names, np.int64, legacy)
@@ -114,10 +114,6 @@ class ExposeValue:
         if shape is not None:
             model.graph.outputs.append(shape)
         return Exposed(current.name, stacked, None if shape is None else shape.name)
-
-
-def _body(node: ir.Node, attr: str) -> ir.Graph:
-    return next(g for name, g in subgraphs(node) if name == attr)
 
 
 def _node(op: str, inputs, name: str, **attributes) -> ir.Node:
@@ -161,22 +157,22 @@ def _lift(parent: ir.Node, attr: str, value: ir.Value, names, dtype, legacy: boo
     The body outputs an Identity of the value rather than the value itself: onnxruntime yields
     zeros for a scan output that is a body input passed straight through.
     """
-    body = _body(parent, attr)
+    inner = body(parent, attr)
     copy = _node("Identity", [value], names(value.name + "_copy"))
-    body.append(copy)
-    body.outputs.append(copy.outputs[0])
+    inner.append(copy)
+    inner.outputs.append(copy.outputs[0])
     parent.resize_outputs(len(parent.outputs) + 1)
     out = parent.outputs[-1]
     out.name = names(value.name)
     if parent.op_type == "If":
-        other = _body(parent, "else_branch" if attr == "then_branch" else "then_branch")
+        other = body(parent, "else_branch" if attr == "then_branch" else "then_branch")
         nodes = _empty(names(value.name + "_empty"), dtype, names, legacy, parent.inputs[0])
         other.extend(nodes)
         other.outputs.append(nodes[-1].outputs[0])
         return out, 0
     if parent.op_type == "Scan":
         scan_inputs = parent.attributes["num_scan_inputs"].as_int()
-        n_scan_out = len(body.outputs) - (len(body.inputs) - scan_inputs)
+        n_scan_out = len(inner.outputs) - (len(inner.inputs) - scan_inputs)
         for key in ("scan_output_axes", "scan_output_directions"):
             if key in parent.attributes and len(parent.attributes[key].as_ints()) < n_scan_out:
                 parent.attributes[key] = ir.AttrInt64s(key, list(parent.attributes[key].as_ints()) + [0])

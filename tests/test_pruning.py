@@ -392,3 +392,19 @@ def test_a_sparse_initializer_is_skipped_and_the_rest_is_pruned(sequential):
     assert recs["dense"].skipped is None and recs["dense"].sparsity == pytest.approx(0.5, abs=0.02)
     assert len(result.model.graph.sparse_initializer) == 1
     assert result.report.fidelity["rel_l2"] is not None
+
+
+@pytest.mark.parametrize("make", [subgraphs.if_model, subgraphs.loop_model])
+def test_sequential_mode_prunes_layers_inside_bodies(make):
+    """A layer input inside an If/Loop body: sequential mode runs whole passes and exposes it in
+    a copy of the model (before the graph index, the copy's bodies were not found: KeyError)."""
+    rng = np.random.default_rng(12)
+    model = make(rng)
+    x = rng.standard_normal((80, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value))
+    x = (x * (1 if make is subgraphs.loop_model else np.sign(rng.standard_normal((80, 1))))).astype(np.float32)
+    seq = prune(model, {"x": x}, PruneConfig(sparsity=0.5, sequential=True, default_exclude=False))
+    ind = prune(model, {"x": x}, PruneConfig(sparsity=0.5, default_exclude=False))
+    pruned = [r for r in seq.report.layers if r.skipped is None]
+    assert pruned and all(r.sparsity == pytest.approx(0.5, abs=0.05) for r in pruned)
+    assert all(r.propagated_error is not None for r in pruned)
+    assert seq.report.fidelity["rel_l2"] <= ind.report.fidelity["rel_l2"] * 1.5

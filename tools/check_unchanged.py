@@ -60,6 +60,7 @@ KEEP_LIMIT = 256 << 20  # output files larger than this are hashed, then deleted
 HEAVY_AT_ONCE = 1  # cases on an external-data model (large_external: 10 GB peak RSS) running at once
 HEAVY_GB = 12  # memory available before a heavy case starts (waiting at most 10 minutes)
 SHOWN = 5  # differences printed per case
+COSTS = {"resnet18": 80, "large_external": 60, "resnet18s": 40, "lenet5": 20, "lenet300": 10}  # slowest first
 
 
 def sha256(path: str) -> str:
@@ -101,6 +102,21 @@ def resnet18_small(seed: int = 0):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     checker.check_model(model)
     return model
+
+
+def full_resnet18(folder: str) -> dict:
+    """The full-size ResNet-18 of tools/bench_speed.py (224x224, 32 random-normal images, seed 0),
+    built once into folder; an opt-in model (--full-resnet18): exact OBS takes hours on it."""
+    import numpy as np
+    import onnx
+    path, calib = os.path.join(folder, "resnet18.onnx"), os.path.join(folder, "resnet18.npz")
+    if not os.path.exists(calib):
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        from bench_speed import resnet
+        onnx.save_model(resnet((2, 2, 2, 2), False).model(), path)
+        x = np.random.default_rng(0).standard_normal((32, 3, 224, 224), dtype=np.float32)
+        np.savez(calib, input=x)
+    return {"model": path, "calib": calib, "args": [], "digest": [sha256(path), sha256(calib)]}
 
 
 def make_inputs(folder: str) -> dict:
@@ -157,12 +173,15 @@ def make_cases(models: dict, all_heavy: bool = False) -> list[dict]:
     cases = []
     for model, m in models.items():
         heavy = os.path.exists(m["model"] + ".data")
-        for method in METHODS if all_heavy or not heavy else HEAVY_METHODS:
+        full = model == "resnet18"
+        for method in (METHODS if all_heavy or not heavy else HEAVY_METHODS):
+            if full and method == "obc" and not all_heavy:
+                continue
             for pattern, pargs in PATTERNS.items():
                 for mode, margs in MODES.items():
                     argv = ["prune", m["model"], "-o", "pruned.onnx", "--calib", m["calib"], *pargs,
                             "--method", method, *margs, *m["args"], "--report", "report.json", "--quiet"]
-                    cost = {"large_external": 60, "resnet18s": 40, "lenet5": 20, "lenet300": 10}.get(model, 1)
+                    cost = COSTS.get(model, 1)
                     cost *= (4 if method == "obc" else 1) * (2 if mode == "sequential" else 1)
                     cases.append({"name": f"{model}-{method}-{pattern}-{mode}", "argv": argv, "cost": cost,
                                   "heavy": int(heavy),
@@ -365,6 +384,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--force-base", action="store_true", help="rerun BASE even where its results are cached")
     ap.add_argument("--json", metavar="OUT", help="write a machine-readable summary")
+    ap.add_argument("--full-resnet18", action="store_true",
+                    help="also the full-size ResNet-18 (every method but obc unless --all-heavy)")
     ap.add_argument("--all-heavy", action="store_true",
                     help="every method on external-data models too (default: %s only)" % ", ".join(HEAVY_METHODS))
     args = ap.parse_args()
@@ -378,7 +399,10 @@ def main() -> int:
         sys.exit(f"check_unchanged: another instance is running on {workdir}")
     base = side(args.base, workdir)
     head = side(args.head, workdir, base_sha=base["sha"])
-    cases = make_cases(make_inputs(os.path.join(workdir, "inputs")), args.all_heavy)
+    models = make_inputs(os.path.join(workdir, "inputs"))
+    if args.full_resnet18:
+        models["resnet18"] = full_resnet18(os.path.join(workdir, "inputs"))
+    cases = make_cases(models, args.all_heavy)
     if args.only:
         cases = [c for c in cases if any(fnmatch.fnmatchcase(c["name"], g) for g in args.only)]
     if not cases:

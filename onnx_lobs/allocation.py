@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Layer, matches
-from .index import GraphIndex
+from .index import read_ir
 from .hessian import damped_inverse
 
 FEW_INPUTS = 16  # a first layer reading fewer input channels than this is left dense by default
@@ -34,7 +34,7 @@ def explicit_sparsity(layer: Layer, layer_sparsity: dict) -> float | None:
 
 def input_derived(model) -> set[str]:
     """Names of the graph inputs and of tensors computed from them by preprocessing ops alone."""
-    graph = GraphIndex(model).ir.graph
+    graph = read_ir(model).graph
     # constants, and shapes of anything (a dynamic Reshape's)
     consts = set(graph.initializers.values())
     derived = set(graph.inputs) - consts

@@ -108,6 +108,14 @@ def subgraphs(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
                 yield name, g
 
 
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every value a graph defines: its inputs, initializers and node outputs, by name."""
+    found = {v.name: v for v in graph.inputs}
+    found.update(graph.initializers)
+    found.update({v.name: v for node in graph for v in node.outputs})
+    return found
+
+
 def body(node: ir.Node, attr: str) -> ir.Graph:
     """The body a node holds under an attribute (then_branch, else_branch, body)."""
     return next(g for name, g in subgraphs(node) if name == attr)

@@ -26,7 +26,7 @@ import onnx
 from .calibration import ArraySource, input_specs, open_source
 from .errors import LobsError, one_line
 from .graph import find_layers
-from .index import GraphIndex
+from .index import GraphIndex, read_ir
 from .modelio import LoadedModel, as_loaded, model_inputs
 from .report import json_safe, versions
 from .roundtrip import check_conversion, check_export, convert, export, outputs, tensors
@@ -292,17 +292,16 @@ class _Teacher:
         self.path, self.inputs = teacher.path, names
         self.outputs = [o.name for o in teacher.model.graph.output]
         self.session = make_session(teacher.model)
-        self.kinds = [_output_kind(teacher.model, o) for o in self.outputs]
+        self.kinds = _output_kinds(teacher.model)
 
     def __call__(self, arrays, idx) -> list[np.ndarray]:
         return run(self.session, self.outputs, {k: arrays[k][idx] for k in self.inputs}, self.path)
 
 
-def _output_kind(model: onnx.ModelProto, name: str) -> str:
-    """'probs' or 'logprobs' when a Softmax / LogSoftmax makes the output, else 'scores'."""
-    value = next(v for v in GraphIndex(model).ir.graph.outputs if v.name == name)
-    producer = value.producer()
-    return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(getattr(producer, "op_type", ""), "scores")
+def _output_kinds(model: onnx.ModelProto) -> list[str]:
+    """Per output: 'probs' or 'logprobs' when a Softmax / LogSoftmax makes it, else 'scores'."""
+    kinds = {"Softmax": "probs", "LogSoftmax": "logprobs"}
+    return [kinds.get(getattr(v.producer(), "op_type", ""), "scores") for v in read_ir(model).graph.outputs]
 
 
 def _log_probs(out, kind: str):
@@ -325,7 +324,7 @@ class _Loss:
 
     def __init__(self, model: onnx.ModelProto, labels, teacher: _Teacher | None):
         self.labels, self.teacher = labels, teacher
-        self.kinds = [_output_kind(model, o.name) for o in model.graph.output]
+        self.kinds = _output_kinds(model)
         self.first_output = model.graph.output[0].name
         self.kind = "cross-entropy" if labels is not None else "distillation"
 

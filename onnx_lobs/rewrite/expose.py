@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..index import Address, body, resolve
+from ..index import Address, body, resolve, values_by_name
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,6 @@ class Exposed:
             return x
         shape = values[self.shape]
         return x.reshape(x.shape[:-1] + tuple(shape.reshape(-1, shape.shape[-1])[0]))
-
-
-def _find(graph: ir.Graph, name: str) -> ir.Value | None:
-    for v in graph.inputs:
-        if v.name == name:
-            return v
-    for v in graph.initializers.values():
-        if v.name == name:
-            return v
-    for node in graph:
-        for v in node.outputs:
-            if v.name == name:
-                return v
-    return None
 
 
 class _Names:
@@ -88,14 +74,14 @@ class ExposeValue:
         except (IndexError, StopIteration):
             return f"no body at {target.address}"
         graph = model.graph if not scope else body(*scope[-1])
-        if _find(graph, target.name) is None:
+        if target.name not in values_by_name(graph):
             return f"no value '{target.name}' in the graph at {target.address or 'the top'}"
         return None
 
     def apply(self, model: ir.Model, target: Request) -> Exposed:
         scope = resolve(model, target.address)
         graph = model.graph if not scope else body(*scope[-1])
-        value = _find(graph, target.name)
+        value = values_by_name(graph)[target.name]
         if not scope:
             if value.is_graph_input() and not value.is_initializer() or value.is_graph_output():
                 return Exposed(target.name, 0)

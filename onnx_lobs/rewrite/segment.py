@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ..index import subgraphs
+from ..index import subgraphs, values_by_name
 
 
 @dataclass(frozen=True)
@@ -20,12 +20,6 @@ class Cut:
     nodes: tuple  # positions in the main graph of the nodes kept
     inputs: tuple  # (name, onnx element type, rank) of each value fed from outside
     outputs: tuple  # names of the values to yield
-
-
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    found = {v.name: v for v in graph.inputs}
-    found.update({v.name: v for n in graph for v in n.outputs})
-    return found
 
 
 def _detach(node: ir.Node) -> None:
@@ -44,7 +38,7 @@ class ExtractSegment:
         nodes = list(model.graph)
         if any(not 0 <= k < len(nodes) for k in cut.nodes):
             return f"node positions {list(cut.nodes)} are not all in a graph of {len(nodes)} nodes"
-        values = _values(model.graph)
+        values = values_by_name(model.graph)
         kept = {v.name for k in cut.nodes for v in nodes[k].outputs}
         missing = [n for n in cut.outputs if n not in kept]
         if missing:
@@ -58,7 +52,7 @@ class ExtractSegment:
         graph = model.graph
         nodes = list(graph)
         keep = {nodes[k] for k in cut.nodes}
-        values = _values(graph)
+        values = values_by_name(graph)
         fed = []
         for name, elem, rank in cut.inputs:
             new = ir.Value(name=name, type=ir.TensorType(ir.DataType(elem)), shape=ir.Shape([None] * rank))

@@ -51,12 +51,15 @@ def main(argv=None):
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(model, as_json):
+@click.option("--structured", is_flag=True, help="List the channel groups instead, and why any is kept whole.")
+def inspect(model, as_json, structured):
     """List prunable layers, and the weighted ops that will not be pruned, with the reason."""
     from .graph import find_layers
     from .modelio import load_model
 
     loaded = load_model(model)
+    if structured:
+        return _inspect_groups(model, loaded, as_json)
     layers, skipped = find_layers(loaded)
     data = {
         "model": model,
@@ -80,6 +83,23 @@ def inspect(model, as_json):
     for s in data["skipped"]:
         click.echo(f"skipped {s['name']} ({s['op']}): {s['reason']}")
     click.echo(f"{len(layers)} prunable layers, {len(skipped)} skipped")
+
+
+def _inspect_groups(model, loaded, as_json):
+    from .structured import inspect_groups
+
+    groups = inspect_groups(loaded)
+    if as_json:
+        click.echo(json.dumps({"model": model, "groups": [
+            {"group": g.label, "channels": g.channels, "producers": g.producers, "consumers": g.consumers,
+             "blocked": g.blocked} for g in groups]}, indent=2))
+        return
+    click.echo(f"{'group':<28} {'channels':>8}  producers -> consumers")
+    for g in groups:
+        click.echo(f"{g.label[:28]:<28} {g.channels:>8}  {', '.join(g.producers)} -> "
+                   f"{', '.join(g.consumers) or '-'}" + (f"\n{'':<38}kept whole: {g.blocked}" if g.blocked else ""))
+    free = sum(g.blocked is None for g in groups)
+    click.echo(f"{len(groups)} channel groups, {free} prunable, {len(groups) - free} kept whole")
 
 
 # ----------------------------------------------------------------------------- prune
@@ -148,13 +168,20 @@ def _check_output(path: str, model: str) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Pruned model to write.")
 @click.option("--calib", help="Calibration data: .npz, folder of .npz, module:callable, or 'random'.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True,
-              help="Fraction of each layer's weights removed (0.9 keeps 10%).")
+              help="Fraction of each layer's weights removed (0.9 keeps 10%); with --structured, the "
+                   "fraction of each channel group's channels.")
+@click.option("--structured", is_flag=True,
+              help="Remove whole channels, neurons and their coupled groups: the graph shrinks "
+                   "(methods lobs, wanda, magnitude).")
+@click.option("--round-to", type=int, default=1, show_default=True, metavar="K",
+              help="With --structured: keep a multiple of K channels in every group (SIMD-friendly shapes).")
 @click.option("--layer-sparsity", multiple=True, metavar="GLOB=S",
               help="Per-layer sparsity by layer or weight name; repeatable, the last match wins.")
 @click.option("--max-error", type=float, help="Prune each layer until its relative error would pass this.")
 @click.option("--method", default="lobs", show_default=True,
               help="; ".join(f"{s.name}: {s.summary}" for s in SOLVERS.values()) + ".")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave matching layers dense; repeatable.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Leave matching layers dense (with --structured: keep their output channels); repeatable.")
 @click.option("--samples", type=int, help="Read at most this many calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--damp", default="auto", show_default=True,
@@ -171,7 +198,7 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exclude, samples,
+def prune(model, output, calib, sparsity, structured, round_to, layer_sparsity, max_error, method, exclude, samples,
           batch_size, damp, pattern, global_sparsity, no_default_exclude, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
@@ -193,7 +220,8 @@ def prune(model, output, calib, sparsity, layer_sparsity, max_error, method, exc
                          max_error=max_error, exclude=list(exclude), samples=samples,
                          batch_size=batch_size, seed=seed, damp=_damp(damp), sequential=sequential,
                          pattern=_pattern(pattern), global_sparsity=global_sparsity,
-                         default_exclude=not no_default_exclude, progress=not quiet)
+                         default_exclude=not no_default_exclude, structured=structured, round_to=round_to,
+                         progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_prune(model, calib, config)

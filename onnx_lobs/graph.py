@@ -185,9 +185,10 @@ class Skipped:
     reason: str
 
 
-def find_layers(loaded: LoadedModel) -> tuple[list[Layer], list[Skipped]]:
-    """Every prunable layer, and every weighted op that will not be pruned with the reason."""
-    index = GraphIndex(loaded.model)
+def find_layers(loaded: LoadedModel, index: GraphIndex | None = None) -> tuple[list[Layer], list[Skipped]]:
+    """Every prunable layer, and every weighted op that will not be pruned with the reason (on
+    the given index of loaded.model, when the caller needs its IR nodes too)."""
+    index = index or GraphIndex(loaded.model)
     constants = Constants(index)
     candidates: dict[ir.Value, list[Site]] = {}  # a weight's defining value -> its prunable uses
     skipped: list[Skipped] = []

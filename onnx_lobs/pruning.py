@@ -23,6 +23,7 @@ from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .runtime import make_session, output_names, run
 from .solve import solve_layer
+from .structured import check_config, prune_structured
 from .version import __version__
 from .solvers import METHODS
 
@@ -44,6 +45,8 @@ class PruneConfig:
     pattern: tuple[int, int] | None = None  # (n, m): at most n non-zeros in every m along K
     global_sparsity: float | None = None  # allocate this overall sparsity across layers
     default_exclude: bool = True  # leave first layers with very few inputs dense
+    structured: bool = False  # remove whole channels of each group (sparsity: their fraction)
+    round_to: int = 1  # structured: kept channel counts rounded to a multiple of this
     progress: bool = False
 
     def check(self) -> None:
@@ -93,6 +96,8 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     """Prune a model (path, ModelProto or LoadedModel) with calibration data; the input is not modified."""
     config = config or PruneConfig()
     config.check()
+    if config.structured:
+        return _prune_structured(model, calibration, config)
     timings = {}
     t = time.perf_counter()
     loaded = as_loaded(model, private=True)
@@ -125,6 +130,16 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     report = Report(records, overall_sparsity([r for r in records if r.params], zeros),
                     _config_dict(config), timings, fidelity, bound, samples, versions())
     return PruneResult(loaded.model, report, masks, bool(loaded.external))
+
+
+def _prune_structured(model, calibration, config: PruneConfig) -> PruneResult:
+    check_config(config)
+    loaded = as_loaded(model, private=True)
+    out = prune_structured(loaded, calibration, config)
+    _stamp(out.model, config, 0.0)
+    report = Report([], 0.0, _config_dict(config), out.timings, out.fidelity, None, out.samples, versions(),
+                    groups=out.groups, summary=out.summary)
+    return PruneResult(out.model, report, {}, bool(loaded.external))
 
 
 def _plan(loaded, layers, skipped, config):

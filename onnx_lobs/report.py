@@ -51,6 +51,8 @@ class Report:
     bound: dict | None = None
     samples: dict | None = None
     versions: dict = field(default_factory=dict)
+    groups: list | None = None  # structured: one record per channel group (structured.GroupRecord)
+    summary: dict | None = None  # structured: the whole model before and after
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -103,6 +105,8 @@ def chain_bound(steps: list[tuple[float, float, float]], after: float) -> dict:
 
 
 def format_table(report: Report) -> str:
+    if report.groups is not None:
+        return format_groups(report)
     head = f"{'layer':<28} {'op':<7} {'rows x cols':>13} {'sparsity':>9} {'dE':>10} {'rel dE':>9} {'sec':>6}"
     lines = [head, "-" * len(head)]
     for r in report.layers:
@@ -138,3 +142,25 @@ def _pct(x, digits=1) -> str:
 
 def _num(x, fmt=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def format_groups(report: Report) -> str:
+    head = f"{'group':<28} {'channels':>12} {'consumers':>9} {'pred dE':>9} {'rel dE':>9} {'held dE':>9}"
+    lines = [head, "-" * len(head)]
+    pruned = [g for g in report.groups if g.kept is not None]
+    for g in pruned:
+        lines.append(f"{g.label[:28]:<28} {f'{g.channels} -> {g.kept}':>12} {len(g.consumers):>9} "
+                     f"{_num(g.predicted_error):>9} {_num(g.measured_error):>9} {_num(g.holdout_error):>9}")
+    kept = [g for g in report.groups if g.kept is None]
+    if kept:
+        lines.append("kept whole:")
+        lines += [f"  {g.label} ({g.channels} channels): {g.blocked}" for g in kept]
+    s = report.summary or {}
+    if s:
+        lines.append(f"parameters {s['params_before']:,} -> {s['params_after']:,}, "
+                     f"file {s['bytes_before'] / 2**20:.2f} -> {s['bytes_after'] / 2**20:.2f} MiB")
+    f = report.fidelity
+    if f:
+        lines.append(f"output fidelity on {f['samples']} held-out samples: rel L2 {_num(f.get('rel_l2'))}, "
+                     f"cosine {_num(f.get('cosine'), '.6f')}")
+    return "\n".join(lines)

@@ -196,3 +196,31 @@ def test_subprocess_entry_points(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == "onnx-lobs: error: nope.onnx: no such file"
     usage = subprocess.run([sys.executable, "-m", "onnx_lobs", "prune"], cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_structured_prune_and_inspect(tmp_path, capsys):
+    from tests import channel_graphs as cg
+
+    model, layers = cg.built(["residual", "concat"])
+    src, out, calib, rep = (str(tmp_path / n) for n in ("m.onnx", "o.onnx", "c.npz", "r.json"))
+    onnx.save(model, src)
+    np.savez(calib, **cg.feed(model, 64))
+    before = digest(src)
+    assert cli("inspect", src, "--structured", "--json") == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert groups[0]["producers"][0] == layers[0] and groups[0]["blocked"] is None
+    assert any("Concat" in (g["blocked"] or "") for g in groups)
+    assert cli("prune", src, "-o", out, "--structured", "--sparsity", "0.5", "--round-to", "2", "--calib", calib,
+               "--no-default-exclude", "--report", rep, "--quiet") == 0
+    text = capsys.readouterr().out
+    assert "8 -> 4" in text and "kept whole:" in text and "Concat" in text
+    report = json.load(open(rep))
+    assert report["summary"]["params_after"] < report["summary"]["params_before"]
+    assert any(g["kept"] == 4 for g in report["groups"])
+    assert digest(src) == before
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert "onnx_lobs.structured" in meta and "onnx_lobs" in meta
+    assert cli("prune", src, "-o", str(tmp_path / "x.onnx"), "--structured", "--method", "obc",
+               "--calib", calib) == 1
+    assert "--structured works with --method" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.onnx")

@@ -12,8 +12,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "onnx_lobs"
 # Lowest first: a module may import only from modules listed before it (or from its own package).
 LAYERS = [
     "version", "errors", "atomic", "hessian", "layers", "solvers", "modelio", "runtime", "index", "rewrite", "graph",
-    "calibration", "activations", "segments", "topology", "allocation", "report", "solve", "evaluate",
-    "pruning", "roundtrip", "retrain", "cli", "__init__", "__main__",
+    "groups", "calibration", "activations", "segments", "topology", "allocation", "report", "solve", "evaluate",
+    "structured", "pruning", "roundtrip", "retrain", "cli", "__init__", "__main__",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80

@@ -1,0 +1,192 @@
+"""Small graphs made of the channel patterns structured pruning must understand, block by block,
+for the group finder's and the shrink rule's tests (and their hypothesis-generated mixtures)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SPATIAL = 6
+
+
+class Graph:
+    """NCHW graph built block by block; every block keeps the channel count it is given."""
+
+    def __init__(self, seed: int = 0, channels: int = 8, opset: int = 13):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.k, self.opset = [], [], 0, opset
+        self.extra_outputs: list[str] = []
+        self.layers: list[str] = []  # every Conv, Gemm and MatMul, in the order built
+        self.x, self.c = self.conv("x", 3, channels, 3), channels
+
+    def name(self, op: str) -> str:
+        self.k += 1
+        return f"{op.lower()}{self.k}"
+
+    def const(self, a, dtype=np.float32) -> str:
+        n = self.name("const")
+        self.inits.append(numpy_helper.from_array(np.asarray(a, dtype), n))
+        return n
+
+    def op(self, op: str, inputs, **attrs) -> str:
+        n = self.name(op)
+        self.nodes.append(helper.make_node(op, list(inputs), [n], name=n, **attrs))
+        if op in ("Conv", "Gemm", "MatMul"):
+            self.layers.append(n)
+        return n
+
+    def conv(self, x, cin, cout, k, group=1, bias=True, gain=1.0) -> str:
+        w = self.rng.standard_normal((cout, cin // group, k, k)) * gain / np.sqrt(cin // group * k * k)
+        inputs = [x, self.const(w)] + ([self.const(0.1 * self.rng.standard_normal(cout))] if bias else [])
+        return self.op("Conv", inputs, pads=[k // 2] * 4, group=group)
+
+    def per_channel(self, shape=None) -> str:
+        return self.const(self.rng.uniform(0.5, 1.5, shape or (1, self.c, 1, 1)))
+
+    # ------------------------------------------------------------------ blocks (x -> x, same channels)
+
+    def conv_bn_act(self, act="relu"):
+        y = self.conv(self.x, self.c, self.c, 3, bias=False)
+        c = self.c
+        y = self.op("BatchNormalization", [y, self.const(self.rng.uniform(.5, 1.5, c)),
+                                           self.const(self.rng.standard_normal(c)),
+                                           self.const(0.1 * self.rng.standard_normal(c)),
+                                           self.const(self.rng.uniform(.5, 1.5, c))])
+        self.x = self.act(y, act)
+
+    def act(self, y, kind):
+        if kind == "relu":
+            return self.op("Relu", [y])
+        if kind == "prelu":
+            return self.op("PRelu", [y, self.const(self.rng.uniform(0, .3, (self.c, 1, 1)))])
+        if kind == "clip":
+            return self.op("Clip", [y, self.const(0.0), self.const(6.0)])
+        if kind == "gelu":  # the decomposed form exporters write: x * 0.5 * (1 + erf(x / sqrt 2))
+            e = self.op("Erf", [self.op("Div", [y, self.const(np.sqrt(2.0))])])
+            return self.op("Mul", [self.op("Mul", [y, self.op("Add", [e, self.const(1.0)])]), self.const(0.5)])
+        if kind == "hardswish":  # x * clip(x + 3, 0, 6) / 6
+            g = self.op("Clip", [self.op("Add", [y, self.const(3.0)]), self.const(0.0), self.const(6.0)])
+            return self.op("Div", [self.op("Mul", [y, g]), self.const(6.0)])
+        raise ValueError(kind)
+
+    def residual(self):
+        y = self.op("Relu", [self.conv(self.x, self.c, self.c, 3)])
+        y = self.conv(y, self.c, self.c, 3, gain=0.5)
+        self.x = self.op("Relu", [self.op("Add", [self.x, y])])
+
+    def inverted(self, expand=2):
+        h = self.c * expand
+        y = self.op("Relu", [self.conv(self.x, self.c, h, 1)])
+        y = self.op("Relu", [self.conv(y, h, h, 3, group=h)])
+        self.x = self.op("Add", [self.x, self.conv(y, h, self.c, 1, gain=0.5)])
+
+    def squeeze_excite(self, r=2):
+        s = self.op("GlobalAveragePool", [self.x])
+        s = self.op("Relu", [self.conv(s, self.c, max(1, self.c // r), 1)])
+        gate = self.op("Sigmoid", [self.conv(s, max(1, self.c // r), self.c, 1)])
+        self.x = self.op("Mul", [self.x, gate])
+
+    def nhwc(self):
+        t = self.op("Transpose", [self.x], perm=[0, 2, 3, 1])
+        t = self.op("Add", [self.op("Mul", [t, self.per_channel((self.c,))]), self.per_channel((self.c,))])
+        self.x = self.op("Transpose", [t], perm=[0, 3, 1, 2])
+
+    def scale(self):
+        self.x = self.op("Sub", [self.op("Mul", [self.x, self.per_channel()]), self.per_channel()])
+
+    def pool(self):
+        self.x = self.op("MaxPool", [self.x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+    def concat(self):
+        """Blocked (not understood yet): two convs joined along the channel axis."""
+        a = self.conv(self.x, self.c, self.c // 2, 1)
+        b = self.conv(self.x, self.c, self.c - self.c // 2, 1)
+        self.x = self.op("Concat", [a, b], axis=1)
+
+    def channel_softmax(self):
+        """Blocked: a normalisation over the channel axis."""
+        self.x = self.op("Softmax", [self.x], axis=1)
+
+    def tap(self):
+        """Blocked: the channels also leave as a graph output."""
+        self.extra_outputs.append(self.x)
+        self.x = self.op("Relu", [self.x])
+
+    # ------------------------------------------------------------------ heads
+
+    def gap_head(self, hidden=12, classes=5):
+        f = self.op("Flatten", [self.op("GlobalAveragePool", [self.x])], axis=1)
+        return self.dense_head(f, self.c, hidden, classes)
+
+    def flatten_head(self, hidden=12, classes=5):
+        f = self.op("Flatten", [self.op("MaxPool", [self.x], kernel_shape=[2, 2], strides=[2, 2])], axis=1)
+        return self.dense_head(f, self.c * (SPATIAL // 2) ** 2, hidden, classes)
+
+    def reshape_head(self, hidden=12, classes=5):
+        f = self.op("Reshape", [self.x, self.const([-1, self.c * SPATIAL ** 2], np.int64)])
+        return self.dense_head(f, self.c * SPATIAL ** 2, hidden, classes)
+
+    def dense_head(self, f, cols, hidden, classes):
+        w = self.rng.standard_normal((hidden, cols)) / np.sqrt(cols)
+        h = self.op("Relu", [self.op("Gemm", [f, self.const(w), self.const(np.zeros(hidden))], transB=1)])
+        w2 = self.rng.standard_normal((hidden, classes)) / np.sqrt(hidden)
+        out = self.op("Add", [self.op("MatMul", [h, self.const(w2)]), self.const(np.zeros(classes))])
+        return self.model(out, classes)
+
+    def model(self, out: str, classes: int) -> onnx.ModelProto:
+        outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])]
+        outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", None, None, None])
+                    for o in self.extra_outputs]
+        g = helper.make_graph(self.nodes, "channels",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SPATIAL, SPATIAL])],
+                              outputs, self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=8)
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+BLOCKS = ("conv_bn_act", "residual", "inverted", "squeeze_excite", "nhwc", "scale", "pool")
+BLOCKING = ("concat", "channel_softmax", "tap")
+HEADS = ("gap_head", "flatten_head", "reshape_head")
+ACTS = ("relu", "prelu", "clip", "gelu", "hardswish")
+
+
+def build(blocks, head="gap_head", seed=0, channels=8, acts=()) -> onnx.ModelProto:
+    return built(blocks, head, seed, channels, acts)[0]
+
+
+def built(blocks, head="gap_head", seed=0, channels=8, acts=()) -> tuple[onnx.ModelProto, list[str]]:
+    """The model and the names of its layers in the order built."""
+    g = Graph(seed, channels)
+    acts = list(acts)
+    for b in blocks:
+        if b == "conv_bn_act":
+            g.conv_bn_act(acts.pop(0) if acts else "relu")
+        else:
+            getattr(g, b)()
+    return getattr(g, head)(), g.layers
+
+
+def mlp(seed=0, sizes=(10, 16, 12, 4)) -> onnx.ModelProto:  # layers: matmul1, 4, 7 ...
+    """MatMul + Add layers with Relu between: hidden neurons are the groups."""
+    rng = np.random.default_rng(seed)
+    g = Graph.__new__(Graph)
+    g.rng, g.nodes, g.inits, g.k, g.opset, g.extra_outputs, g.layers = rng, [], [], 0, 13, [], []
+    x = "x"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        x = g.op("Add", [g.op("MatMul", [x, g.const(rng.standard_normal((a, b)) / np.sqrt(a))]),
+                         g.const(0.1 * rng.standard_normal(b))])
+        if i < len(sizes) - 2:
+            x = g.op("Relu", [x])
+    out = helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", sizes[-1]])
+    graph = helper.make_graph(g.nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
+                              [out], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def feed(model: onnx.ModelProto, n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    x = model.graph.input[0]
+    shape = [n] + [d.dim_value for d in x.type.tensor_type.shape.dim[1:]]
+    return {"x": rng.standard_normal(shape).astype(np.float32)}

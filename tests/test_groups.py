@@ -1,0 +1,83 @@
+"""The channel groups found on the graph: who produces, who consumes, and why a group is kept whole."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnx_lobs.graph import Constants, find_layers
+from onnx_lobs.groups import find_groups, static_shapes
+from onnx_lobs.index import GraphIndex
+from onnx_lobs.modelio import as_loaded
+from tests import channel_graphs as cg
+
+
+def _groups(model):
+    loaded = as_loaded(model)
+    index = GraphIndex(loaded.model)
+    layers, _ = find_layers(loaded, index)
+    return find_groups(index, Constants(index), layers, static_shapes(loaded.model))
+
+
+def _shape(g):
+    return ([p.name for p in g.producers], [(c.layer.name, c.block) for c in g.consumers], g.blocked)
+
+
+def test_a_residual_stage_is_one_group():
+    model, (stem, a1, b1, a2, b2, fc, out) = cg.built(["residual", "residual"])
+    groups = _groups(model)
+    # the stem and both blocks' last convs write the residual stream; the blocks' first convs and the
+    # head read it
+    assert _shape(groups[0]) == ([stem, b1, b2], [(a1, 1), (a2, 1), (fc, 1)], None)
+    assert [_shape(g) for g in groups[1:3]] == [([a1], [(b1, 1)], None), ([a2], [(b2, 1)], None)]
+
+
+def test_depthwise_passes_the_expanded_channels_through():
+    model, (stem, expand, depthwise, project, *_) = cg.built(["inverted"])
+    g = _groups(model)
+    group = next(x for x in g if x.label == expand)
+    assert _shape(group) == ([expand], [(project, 1)], None)
+    assert [(e.kind, e.label) for e in group.edits] == [("depthwise", depthwise)]
+    assert not any(x.label == depthwise for x in g)  # the depthwise conv is no group of its own
+
+
+def test_squeeze_excite_gate_joins_the_gated_channels():
+    model, (stem, reduce, expand, fc, _) = cg.built(["squeeze_excite"])
+    g = _groups(model)[0]
+    assert [p.name for p in g.producers] == [stem, expand]  # the stem, and the gate's expand conv
+    assert sorted(c.layer.name for c in g.consumers) == sorted([reduce, fc])
+
+
+@pytest.mark.parametrize("head,block", [("gap_head", 1), ("flatten_head", 9), ("reshape_head", 36)])
+def test_a_flatten_into_a_gemm_makes_each_channel_a_block_of_columns(head, block):
+    g = _groups(cg.build([], head=head))[0]
+    assert g.blocked is None
+    assert [c.block for c in g.consumers] == [block]
+    assert any(e.kind == "entry" for e in g.edits) == (head == "reshape_head")
+
+
+@pytest.mark.parametrize("act", cg.ACTS)
+def test_activations_and_nhwc_scales_pass_through(act):
+    model, layers = cg.built(["conv_bn_act", "nhwc", "scale", "pool"], acts=[act])
+    second = next(x for x in _groups(model) if x.label == layers[1])
+    assert second.blocked is None
+    kinds = sorted({(e.kind, e.label.rstrip("0123456789")) for e in second.edits})
+    expected = {("slice", "batchnormalization"), ("slice", "mul"), ("slice", "add"), ("slice", "sub")}
+    if act == "prelu":
+        expected.add(("slice", "prelu"))
+    assert set(kinds) == expected
+
+
+@pytest.mark.parametrize("block,why", [
+    ("concat", "Concat 'concat"), ("channel_softmax", "normalises over the channel axis"),
+    ("tap", "graph output")])
+def test_what_is_not_understood_keeps_the_group_whole_and_says_why(block, why):
+    model, layers = cg.built(["residual", block])
+    g = {x.label: x for x in _groups(model)}
+    touched = g[layers[3]] if block == "concat" else g[layers[0]]  # a concat's first half, or the stream
+    assert touched.blocked is not None and why in touched.blocked
+
+
+def test_mlp_hidden_neurons():
+    g = _groups(cg.mlp())
+    assert [_shape(x)[:2] for x in g[:2]] == [(["matmul2"], [("matmul7", 1)]), (["matmul7"], [("matmul12", 1)])]
+    assert "graph output" in g[2].blocked

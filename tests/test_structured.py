@@ -1,0 +1,156 @@
+"""Structured pruning end to end, against an independent reference: the original model with the
+pruned model's weights written back at the kept positions and the removed channels' consumer
+columns set to zero, run in onnxruntime. Removing channels must be exactly that."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from onnx_lobs.errors import LobsError
+from onnx_lobs.pruning import PruneConfig, prune
+from onnx_lobs.solvers.channels import STRUCTURED_METHODS
+from tests import channel_graphs as cg
+from tests.test_groups import _groups
+
+
+def _arrays(model) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _axes(node) -> tuple[int, int]:
+    """(output axis, input axis) of a layer's weight."""
+    if node.op_type == "Conv":
+        return 0, 1
+    trans = any(a.name == "transB" and a.i for a in node.attribute)
+    return (0, 1) if node.op_type == "Gemm" and trans else (1, 0)
+
+
+def _reference(original, pruned, report) -> onnx.ModelProto:
+    """The dense-shaped equivalent, built from the original's protobuf with numpy only."""
+    groups = {g.label: g for g in _groups(original)}
+    outs, ins = {}, {}  # layer -> kept output units / removed input units
+    for rec in report.groups:
+        if rec.kept is None:
+            continue
+        g = groups[rec.label]
+        removed = np.asarray(rec.removed, dtype=np.int64)
+        kept = np.setdiff1d(np.arange(g.channels), removed)
+        for p in g.producers:
+            outs[p.name] = kept
+        for c in g.consumers:
+            ins[c.layer.name] = (removed[:, None] * c.block + np.arange(c.block)).ravel()
+    new, ref = _arrays(pruned), onnx.ModelProto()
+    ref.CopyFrom(original)
+    by_name = {t.name: t for t in ref.graph.initializer}
+    for node in ref.graph.node:
+        if node.name not in outs and node.name not in ins:
+            continue
+        oa, ia = _axes(node)
+        w = numpy_helper.to_array(by_name[node.input[1]]).copy()
+        o = outs.get(node.name, np.arange(w.shape[oa]))
+        gone = ins.get(node.name, np.zeros(0, np.int64))
+        i = np.setdiff1d(np.arange(w.shape[ia]), gone)
+        w = np.moveaxis(w, (oa, ia), (0, 1))
+        w[:, gone] = 0
+        w[np.ix_(o, i)] = np.moveaxis(new[node.input[1]], (oa, ia), (0, 1))
+        by_name[node.input[1]].CopyFrom(numpy_helper.from_array(np.moveaxis(w, (0, 1), (oa, ia)), node.input[1]))
+        if len(node.input) > 2:
+            b = numpy_helper.to_array(by_name[node.input[2]]).copy()
+            b[..., o] = new[node.input[2]]
+            by_name[node.input[2]].CopyFrom(numpy_helper.from_array(b, node.input[2]))
+    return ref
+
+
+def _run(model, feed):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feed)
+
+
+def _check(model, config, n=96):
+    result = prune(model, cg.feed(model, n), config)
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+    feed = cg.feed(model, 7, seed=5)
+    got, want = _run(out, feed), _run(_reference(model, out, result.report), feed)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+    return result
+
+
+@pytest.mark.parametrize("blocks,head", [
+    (["conv_bn_act", "residual"], "gap_head"),
+    (["inverted", "squeeze_excite"], "flatten_head"),
+    (["nhwc", "scale", "pool", "residual"], "reshape_head"),
+])
+@pytest.mark.parametrize("method", STRUCTURED_METHODS)
+def test_shrunk_models_equal_their_zeroed_equivalent(blocks, head, method):
+    model = cg.build(blocks, head=head)
+    result = _check(model, PruneConfig(structured=True, sparsity=0.5, method=method, default_exclude=False))
+    pruned = [g for g in result.report.groups if g.kept is not None]
+    assert pruned and all(g.kept == g.channels - len(g.removed) for g in pruned)
+    assert result.report.summary["params_after"] < result.report.summary["params_before"]
+
+
+def test_mlp_neurons():
+    model = cg.mlp()
+    result = _check(model, PruneConfig(structured=True, sparsity=0.5, default_exclude=False))
+    assert [(g.channels, g.kept) for g in result.report.groups if g.kept] == [(16, 8), (12, 6)]
+
+
+def test_compensation_beats_plain_removal():
+    model = cg.build(["residual", "inverted"])
+    errs = {m: prune(model, cg.feed(model, 256), PruneConfig(structured=True, sparsity=0.5, method=m,
+                                                             default_exclude=False)).report.fidelity["rel_l2"]
+            for m in STRUCTURED_METHODS}
+    assert errs["lobs"] < errs["wanda"] and errs["lobs"] < errs["magnitude"]
+
+
+def test_round_to_and_exclude():
+    model, layers = cg.built(["residual"], channels=12)
+    result = prune(model, cg.feed(model, 64), PruneConfig(structured=True, sparsity=0.3, round_to=4,
+                                                         exclude=[layers[1]], default_exclude=False))
+    by = {g.label: g for g in result.report.groups}
+    assert by[layers[0]].kept == 8  # 12 - round(3.6) = 8, a multiple of 4
+    assert "excluded by" in by[layers[1]].blocked
+
+
+@pytest.mark.parametrize("flag", [dict(sequential=True), dict(pattern=(2, 4)), dict(global_sparsity=0.5),
+                                  dict(method="sparsegpt")])
+def test_what_structured_does_not_do_yet_is_refused(flag):
+    with pytest.raises(LobsError, match="structured"):
+        prune(cg.mlp(), cg.feed(cg.mlp(), 8), PruneConfig(structured=True, **flag))
+
+
+def test_a_model_with_nothing_to_prune_says_why():
+    g = cg.Graph()
+    g.channel_softmax()
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [g.x])])
+    model = g.model(f, g.c)  # the stem's channels go through a softmax over them, then out
+    with pytest.raises(LobsError, match="no channel group can be pruned.*channel axis"):
+        prune(model, cg.feed(model, 8), PruneConfig(structured=True, default_exclude=False))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.lists(st.sampled_from(cg.BLOCKS + cg.BLOCKING), min_size=1, max_size=4),
+       head=st.sampled_from(cg.HEADS), acts=st.lists(st.sampled_from(cg.ACTS), max_size=4),
+       seed=st.integers(0, 2 ** 16), sparsity=st.sampled_from([0.25, 0.5, 0.75]),
+       method=st.sampled_from(STRUCTURED_METHODS))
+def test_generated_graphs(blocks, head, acts, seed, sparsity, method):
+    model = cg.build(blocks, head=head, seed=seed, acts=acts)
+    try:
+        result = _check(model, PruneConfig(structured=True, sparsity=sparsity, method=method,
+                                           default_exclude=False))
+    except LobsError as e:
+        assert "no channel group can be pruned" in str(e)
+        return
+    for g in result.report.groups:
+        assert (g.kept is None) == (g.blocked is not None)

@@ -89,16 +89,21 @@ def _inspect_groups(model, loaded, as_json):
     from .structured import inspect_groups
 
     groups = inspect_groups(loaded)
+    from .flops import count
+    total = count(loaded.model).total
     if as_json:
         click.echo(json.dumps({"model": model, "groups": [
             {"group": g.label, "channels": g.channels, "producers": g.producers, "consumers": g.consumers,
+             "flops": g.flops_before, "flops_share": g.flops_before / total if total else None,
              "blocked": g.blocked} for g in groups]}, indent=2))
         return
-    click.echo(f"{'group':<28} {'channels':>8}  producers -> consumers")
+    click.echo(f"{'group':<28} {'channels':>8} {'FLOPs':>6}  producers -> consumers")
     for g in groups:
-        click.echo(f"{g.label[:28]:<28} {g.channels:>8}  {', '.join(g.producers)} -> "
+        share = f"{100 * g.flops_before / total:.1f}%" if total else "-"
+        click.echo(f"{g.label[:28]:<28} {g.channels:>8} {share:>6}  {', '.join(g.producers)} -> "
                    f"{', '.join(g.consumers) or '-'}" + (f"\n{'':<38}kept whole: {g.blocked}" if g.blocked else ""))
     free = sum(g.blocked is None for g in groups)
+    click.echo(f"(FLOPs: the share of the model's {total / 1e6:.3g} MFLOPs at batch 1 in the layers a group touches)")
     click.echo(f"{len(groups)} channel groups, {free} prunable, {len(groups) - free} kept whole")
 
 
@@ -175,6 +180,10 @@ def _check_output(path: str, model: str) -> None:
                    "(methods lobs, wanda, magnitude).")
 @click.option("--round-to", type=int, default=1, show_default=True, metavar="K",
               help="With --structured: keep a multiple of K channels in every group (SIMD-friendly shapes).")
+@click.option("--flops", type=float, metavar="F",
+              help="With --structured: keep at most F of the dense model's FLOPs, removing the channels "
+                   "of least cost per FLOP saved across the model.")
+@click.option("--no-latency", is_flag=True, help="With --structured: do not time the models for the report.")
 @click.option("--layer-sparsity", multiple=True, metavar="GLOB=S",
               help="Per-layer sparsity by layer or weight name; repeatable, the last match wins.")
 @click.option("--max-error", type=float, help="Prune each layer until its relative error would pass this.")
@@ -190,7 +199,8 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--pattern", metavar="N:M", help="Structured sparsity: at most N non-zeros in every M "
               "weights along the reduction axis (e.g. 2:4); replaces --sparsity.")
 @click.option("--global", "global_sparsity", type=float, metavar="S",
-              help="Remove S of all prunable weights, allocated across layers by normalised OBS cost.")
+              help="Remove S of all prunable weights (with --structured: of all channels of the prunable "
+                   "groups), allocated across the model by normalised OBS cost.")
 @click.option("--no-default-exclude", is_flag=True,
               help="Also prune first layers with very few input channels (left dense by default).")
 @click.option("--sequential", is_flag=True,
@@ -198,7 +208,7 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prune(model, output, calib, sparsity, structured, round_to, layer_sparsity, max_error, method, exclude, samples,
+def prune(model, output, calib, sparsity, structured, round_to, flops, no_latency, layer_sparsity, max_error, method, exclude, samples,
           batch_size, damp, pattern, global_sparsity, no_default_exclude, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
@@ -221,6 +231,7 @@ def prune(model, output, calib, sparsity, structured, round_to, layer_sparsity, 
                          batch_size=batch_size, seed=seed, damp=_damp(damp), sequential=sequential,
                          pattern=_pattern(pattern), global_sparsity=global_sparsity,
                          default_exclude=not no_default_exclude, structured=structured, round_to=round_to,
+                         flops=flops, latency=not no_latency,
                          progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -47,6 +47,8 @@ class PruneConfig:
     default_exclude: bool = True  # leave first layers with very few inputs dense
     structured: bool = False  # remove whole channels of each group (sparsity: their fraction)
     round_to: int = 1  # structured: kept channel counts rounded to a multiple of this
+    flops: float | None = None  # structured: keep at most this fraction of the dense FLOPs
+    latency: bool = True  # structured: time both models in onnxruntime for the report
     progress: bool = False
 
     def check(self) -> None:

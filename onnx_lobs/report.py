@@ -145,11 +145,12 @@ def _num(x, fmt=".3g") -> str:
 
 
 def format_groups(report: Report) -> str:
-    head = f"{'group':<28} {'channels':>12} {'consumers':>9} {'pred dE':>9} {'rel dE':>9} {'held dE':>9}"
+    head = (f"{'group':<28} {'channels':>12} {'consumers':>9} {'MFLOPs':>15} {'pred dE':>9} {'rel dE':>9} "
+            f"{'held dE':>9}")
     lines = [head, "-" * len(head)]
-    pruned = [g for g in report.groups if g.kept is not None]
-    for g in pruned:
-        lines.append(f"{g.label[:28]:<28} {f'{g.channels} -> {g.kept}':>12} {len(g.consumers):>9} "
+    for g in (g for g in report.groups if g.kept is not None):
+        flops = f"{g.flops_before / 1e6:.2f} -> {(g.flops_after or 0) / 1e6:.2f}"
+        lines.append(f"{g.label[:28]:<28} {f'{g.channels} -> {g.kept}':>12} {len(g.consumers):>9} {flops:>15} "
                      f"{_num(g.predicted_error):>9} {_num(g.measured_error):>9} {_num(g.holdout_error):>9}")
     kept = [g for g in report.groups if g.kept is None]
     if kept:
@@ -158,7 +159,14 @@ def format_groups(report: Report) -> str:
     s = report.summary or {}
     if s:
         lines.append(f"parameters {s['params_before']:,} -> {s['params_after']:,}, "
+                     f"FLOPs {s['flops_before'] / 1e6:.2f}M -> {s['flops_after'] / 1e6:.2f}M "
+                     f"({_pct(s['flops_after'] / s['flops_before']) if s['flops_before'] else '-'}), "
                      f"file {s['bytes_before'] / 2**20:.2f} -> {s['bytes_after'] / 2**20:.2f} MiB")
+        speed = s.get("latency")
+        if speed:
+            parts = [f"{k.replace('_', ' ')} {v['before_ms']:.3g} -> {v['after_ms']:.3g} ms ({v['speedup']:.2f}x)"
+                     for k, v in speed.items() if k != "threads"]
+            lines.append(f"onnxruntime latency, {speed['threads']} threads: " + ", ".join(parts))
     f = report.fidelity
     if f:
         lines.append(f"output fidelity on {f['samples']} held-out samples: rel L2 {_num(f.get('rel_l2'))}, "

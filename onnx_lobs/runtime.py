@@ -16,11 +16,13 @@ from .modelio import PROTOBUF_LIMIT
 ort.set_default_logger_severity(4)  # fatal only: our own one-line errors say what failed
 
 
-def make_session(model: onnx.ModelProto, origin: str | None = None) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, origin: str | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session; models over 2 GB go through a temporary file with external data.
     origin (the model's file) starts the error message when onnxruntime refuses the model."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # run-time errors too (level 3 still prints them, in colour)
+    if threads:  # a fixed thread count, for timings that say what they used
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:
         if model.ByteSize() < PROTOBUF_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

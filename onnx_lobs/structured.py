@@ -11,7 +11,9 @@ zero there): the two must agree to float rounding on the held-out samples, or no
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,14 +25,17 @@ from .calibration import open_source
 from .errors import LobsError, one_line
 from .evaluate import Fidelity
 from .graph import Constants, Layer, find_layers, matches
+from .allocation import allocate_channels
+from .cuts import dense_edits, removed_units, shrink_edits
+from .channel_ops import is_depthwise
+from .flops import Flops, count, params_per_node
 from .groups import Group, find_groups, static_shapes
 from .hessian import damped_inverse, layer_error, output_energy
 from .index import GraphIndex, read_ir
 from .modelio import PROTOBUF_LIMIT, iter_graphs
-from .rewrite.shrink import (ForgetShape, SetAttr, SetEntry, SetInput, ShrinkChannels, SliceInput,
-                             constant_array)
+from .rewrite.shrink import ShrinkChannels
 from .runtime import make_session, output_names, run
-from .solvers.channels import (STRUCTURED_METHODS, View, kept_count, magnitude_scores, obs_channels,
+from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
                                rank_without_compensation, wanda_scores)
 
 METADATA_KEY = "onnx_lobs.structured"
@@ -46,8 +51,10 @@ class GroupRecord:
     channels: int
     kept: int | None = None
     removed: list[int] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
+    flops_before: int = 0  # of the layers the group touches (producers, consumers, depthwise), batch 1
+    flops_after: int | None = None
+    params_before: int = 0  # the same layers' constant inputs
+    params_after: int | None = None
     predicted_error: float | None = None  # sum over consumers of e(M) / energy (calibration)
     measured_error: float | None = None  # the same measured exactly through H (calibration)
     holdout_error: float | None = None
@@ -74,37 +81,47 @@ class _Active:
 
 def inspect_groups(loaded) -> list[GroupRecord]:
     """The channel groups of a model and why any is kept whole, without calibration."""
-    return [_record(g) for g in _groups(loaded)[1]]
+    _, _, groups = _groups(loaded)
+    dense = count(loaded.model)
+    records = [_record(g) for g in groups]
+    for r, g in zip(records, groups):
+        r.flops_before = sum(dense.per_node.get(n, 0) for n in _touched(g))
+    return records
 
 
 def _groups(loaded):
     index = GraphIndex(loaded.model)
     layers, _ = find_layers(loaded, index)
     groups = find_groups(index, Constants(index), layers, static_shapes(loaded.model))
-    return layers, groups
+    return index, layers, groups
 
 
 def _record(g: Group) -> GroupRecord:
-    return GroupRecord(g.label, [p.name for p in g.producers], [c.layer.name for c in g.consumers], g.channels,
-                       blocked=g.blocked)
+    return GroupRecord(g.label, [p.layer.name for p in g.producers], [c.layer.name for c in g.consumers],
+                       g.channels, blocked=g.blocked)
 
 
 def check_config(config) -> None:
     if config.method not in STRUCTURED_METHODS:
         raise LobsError(f"--structured works with --method {', '.join(STRUCTURED_METHODS)}, not {config.method}")
     for flag, set_ in (("--pattern", config.pattern is not None), ("--max-error", config.max_error is not None),
-                       ("--global", config.global_sparsity is not None), ("--sequential", config.sequential),
+                       ("--sequential", config.sequential),
                        ("--layer-sparsity", bool(config.layer_sparsity))):
         if set_:
             raise LobsError(f"{flag} cannot be combined with --structured yet")
     if config.round_to < 1:
         raise LobsError(f"--round-to must be at least 1, got {config.round_to}")
+    if config.flops is not None and not 0 < config.flops <= 1:
+        raise LobsError(f"--flops must be in (0, 1] (with --structured), got {config.flops}")
+    if config.flops is not None and config.global_sparsity is not None:
+        raise LobsError("--flops and --global cannot be combined (with --structured, give one)")
 
 
 def prune_structured(loaded, calibration, config) -> Outcome:
     timings: dict = {}
     t = time.perf_counter()
-    layers, groups = _groups(loaded)
+    index, layers, groups = _groups(loaded)
+    dense_flops = count(loaded.model)
     active = _plan(groups, config)
     timings["load"] = time.perf_counter() - t
     if not active:
@@ -122,20 +139,27 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     if result.samples["calibration"] == 0:
         raise LobsError(f"{source.origin}: no calibration samples")
     t = time.perf_counter()
-    weights: dict[int, tuple] = {}  # id(layer) -> (compensated weight, bias) in dense shape
+    damp = config.damp if config.damp is not None else DEFAULT_DAMP
+    if config.global_sparsity is not None or config.flops is not None:
+        active = _allocate(active, collectors, config, damp, dense_flops, layers)
+    views = {k: _view(c, damp) for k, c in collectors.items()}
     for a in active:
-        _solve_group(a, collectors, config, weights)
+        _solve_group(a, collectors, views, config.method)
+    weights = {k: _to_layer(collectors[k].layer, v.w) for k, v in views.items()}  # dense-shaped
     timings["solve"] = time.perf_counter() - t
     t = time.perf_counter()
-    reference = _rewrite(loaded.model, _dense_edits(layers, weights))
-    shrunk = _rewrite(loaded.model, _shrink_edits(layers, active, weights))
-    _check(shrunk, reference, result.held_feeds, active, loaded, layers, weights)
+    reference = _rewrite(loaded.model, dense_edits(layers, weights))
+    shrunk = _cut(loaded, index, layers, active, weights)
+    _check(shrunk, reference, result.held_feeds, active, lambda subset: _cut(loaded, index, layers, subset, weights),
+           loaded.path)
     fidelity = _fidelity(shrunk, result.held_feeds, result.held_dense) if result.held_feeds else None
     _stamp(shrunk, active)
     timings["verify"] = time.perf_counter() - t
-    timings["total"] = sum(timings.values())
     records = [a.record for a in active] + [_record(g) for g in groups if g.blocked or not _is_active(g, active)]
-    return Outcome(shrunk, records, _summary(loaded.model, shrunk), fidelity, result.samples, timings)
+    _costs(records, groups, loaded.model, shrunk, dense_flops)
+    summary = _summary(loaded.model, shrunk, dense_flops, result.held_feeds[:1], config)
+    timings["total"] = sum(timings.values())
+    return Outcome(shrunk, records, summary, fidelity, result.samples, timings)
 
 
 def _is_active(g: Group, active) -> bool:
@@ -150,38 +174,107 @@ def _why_none(groups: list[Group]) -> str:
 
 
 def _plan(groups: list[Group], config) -> list[_Active]:
+    """The groups that lose channels, each with its count (the most it may lose when an
+    allocation over the model decides later)."""
+    allocated = config.global_sparsity is not None or config.flops is not None
     active = []
     for g in groups:
-        rec = _record(g)
         if g.blocked:
             continue
         # --exclude names the layers whose output channels stay: the groups they produce
-        excluded = next((p for p in config.exclude for l in g.producers if matches(l, p)), None)
+        excluded = next((p for p in config.exclude for pr in g.producers if matches(pr.layer, p)), None)
         if excluded:
             g.block(f"excluded by '{excluded}'")
             continue
-        keep = kept_count(g.channels, config.sparsity, config.round_to)
+        keep = max(1, config.round_to) if allocated else kept_count(g.channels, config.sparsity, config.round_to)
         if keep >= g.channels:
-            g.block("nothing to remove at this sparsity")
+            g.block("nothing to remove at this sparsity" if not allocated else "too few channels to remove any")
             continue
+        rec = _record(g)
         rec.kept = keep
         active.append(_Active(g, rec, g.channels - keep))
     return active
 
 
+def _touched(g: Group) -> set[int]:
+    """Main-graph positions of the nodes whose weights a group changes."""
+    nodes = {p.layer.uses[0].site.path[-1] for p in g.producers}
+    nodes |= {c.layer.uses[0].site.path[-1] for c in g.consumers}
+    return nodes | {e.node[-1] for e in g.edits if e.kind == "depthwise"}
+
+
+def _allocate(active: list[_Active], collectors: dict, config, damp: float, dense: Flops, layers) -> list[_Active]:
+    """Counts per group from one model-wide ranking: each group's greedy removals, by cost
+    (--global: a fraction of all channels) or by cost per FLOP saved (--flops). A FLOPs target
+    is met exactly: a layer between two pruned groups saves less than both estimates together,
+    so the ranking is taken further until the FLOPs the choice leaves (exact: every counted op
+    is bilinear in its input and output channels) are within the target."""
+    orders, costs, savings = [], [], []
+    for a in active:
+        views = {id(c.layer): _view(collectors[id(c.layer)], damp) for c in a.group.consumers}
+        chosen = _choose(a, views, config.method, a.n_remove)
+        orders.append(chosen.removed)
+        costs.append(chosen.costs)
+        flops = sum(dense.per_node.get(p, 0) for p in _touched(a.group))
+        savings.append(1.0 if config.flops is None else flops / a.group.channels)
+    if config.flops is None:
+        counts = allocate_channels(costs, savings, config.global_sparsity * sum(a.group.channels for a in active))
+    else:
+        goal = config.flops * dense.total
+        target = dense.total - goal
+        for _ in range(20):
+            counts = [_rounded(a, n, config.round_to) for a, n in zip(active, allocate_channels(costs, savings, target))]
+            left = _flops_left(layers, active, orders, counts, dense)
+            if left <= goal or all(n == len(c) for n, c in zip(counts, costs)):
+                break
+            target += left - goal
+        if left > goal:
+            warnings.warn(f"--flops {config.flops}: the groups that can be pruned leave "
+                          f"{left / dense.total:.3f} of the FLOPs at most")
+    out = []
+    for a, n in zip(active, counts):
+        n = _rounded(a, n, config.round_to)
+        if n:
+            a.n_remove, a.record.kept = n, a.group.channels - n
+            out.append(a)
+    return out
+
+
+def _rounded(a: _Active, n: int, multiple: int) -> int:
+    c = a.group.channels
+    return c - kept_count(c, n / c, multiple) if n else 0
+
+
+def _flops_left(layers, active, orders, counts, dense: Flops) -> float:
+    """The model's FLOPs after removing each group's first counts[g] channels of its order:
+    a layer's FLOPs scale with the kept fraction of its input and of its output units."""
+    removed = removed_units([(a.group, order[:n]) for a, order, n in zip(active, orders, counts)])
+    total = float(dense.total)
+    for layer in layers:
+        site = layer.uses[0].site
+        if site.scope:
+            continue
+        n_in, n_out = layer.adapter.channels(site.proto, layer.shape)
+        kept_out = 1 - len(removed.get(site.node.outputs[0].name, ())) / n_out
+        kept_in = 1.0 if is_depthwise(layer) else 1 - len(removed.get(site.node.inputs[0].name, ())) / n_in
+        total -= dense.per_node.get(site.path[-1], 0) * (1 - kept_in * kept_out)
+    return total
+
+
 # ----------------------------------------------------------------------------- choosing channels
 
-def _columns(layer: Layer, block: int, channels: int) -> np.ndarray:
-    """[channels, m]: the consumer's matrix columns that each group channel occupies."""
+def _reader(layer: Layer, view: View, port, channels: int) -> Reader:
+    """The consumer's matrix columns of each group channel it reads (port: where they sit on its input)."""
     node = layer.uses[0].node
-    out = []
+    present = np.array([port.lo <= c < port.hi for c in range(channels)])
+    cols = []
     for c in range(channels):
-        units = c * block + np.arange(block)
-        out.append(np.flatnonzero(layer.adapter.input_columns(node, layer.shape, units)[0]))
-    return np.stack(out)
+        units = port.units([c]) if present[c] else port.units([port.lo])
+        cols.append(np.flatnonzero(layer.adapter.input_columns(node, layer.shape, units)[0]))
+    return Reader(view, np.stack(cols), present)
 
 
-def _view(c: Collector, block: int, channels: int, damp: float) -> View:
+def _view(c: Collector, damp: float) -> View:
     layer = c.layer
     node = layer.uses[0].node
     m = layer.adapter.to_matrices(node, layer.read().astype(np.float64))[0]
@@ -192,34 +285,53 @@ def _view(c: Collector, block: int, channels: int, damp: float) -> View:
     hinv = inv.hinv
     if inv.dead.any():  # an input that never moved costs nothing to remove, and moves nothing else
         hinv[inv.dead, inv.dead] = 1e6 * float(np.mean(np.diagonal(hinv)))
-    return View(w, hinv, h, _columns(layer, block, channels))
+    return View(w, hinv, h)
 
 
-def _solve_group(a: _Active, collectors: dict, config, weights: dict) -> None:
+def _errors(views: list[View], olds: list[np.ndarray], collectors: list[Collector]) -> tuple[float, float | None]:
+    """Sum over the views of their relative layer-wise error now, on calibration and held-out data."""
+    calib, hold = 0.0, 0.0
+    for v, old, c in zip(views, olds, collectors):
+        calib += layer_error(old, v.w, v.h) / (output_energy(old, v.h) or 1.0)
+        if c.hold.n:
+            hh = c.hold.hessian()[0]
+            hold += layer_error(old, v.w, hh) / (output_energy(old, hh) or 1.0)
+    return calib, hold if all(c.hold.n for c in collectors) else None
+
+
+def _choose(a: _Active, views: dict, method: str, n_remove: int):
     g = a.group
-    damp = config.damp if config.damp is not None else DEFAULT_DAMP
+    readers = [_reader(c.layer, views[id(c.layer)], c.port, g.channels) for c in g.consumers]
+    if method == "lobs":
+        return obs_channels(readers, g.channels, n_remove)
+    if method == "wanda":
+        return rank_without_compensation(wanda_scores(readers, g.channels), readers, n_remove)
+    return rank_without_compensation(magnitude_scores([_rows(p, g.channels) for p in g.producers]),
+                                     readers, n_remove)
+
+
+def _solve_group(a: _Active, collectors: dict, views: dict, method: str) -> None:
+    g = a.group
     cs = [collectors[id(c.layer)] for c in g.consumers]
-    views = [_view(c, con.block, g.channels, damp) for c, con in zip(cs, g.consumers)]
-    olds = [v.w.copy() for v in views]
-    if config.method == "lobs":
-        chosen = obs_channels(views, a.n_remove)
-    elif config.method == "wanda":
-        chosen = rank_without_compensation(wanda_scores(views), views, a.n_remove)
-    else:
-        rows = [p.adapter.drop_outputs(p.uses[0].node, p.read(), np.arange(g.channels)) for p in g.producers]
-        chosen = rank_without_compensation(magnitude_scores(rows), views, a.n_remove)
+    vs = [views[id(c.layer)] for c in g.consumers]
+    olds = [v.w0 for v in vs]
+    before = _errors(vs, olds, cs)
+    chosen = _choose(a, views, method, a.n_remove)
+    after = _errors(vs, olds, cs)
     a.keep = np.setdiff1d(np.arange(g.channels), chosen.removed)
     a.record.removed = sorted(chosen.removed)
     a.record.predicted_error = float(sum(chosen.costs))
-    calib, hold = 0.0, 0.0
-    for c, old, new in zip(cs, olds, chosen.weights):
-        calib += layer_error(old, new, c.calib.hessian()[0]) / (output_energy(old, c.calib.hessian()[0]) or 1.0)
-        if c.hold.n:
-            hh = c.hold.hessian()[0]
-            hold += layer_error(old, new, hh) / (output_energy(old, hh) or 1.0)
-        weights[id(c.layer)] = _to_layer(c.layer, new)
-    a.record.measured_error = calib
-    a.record.holdout_error = hold if all(c.hold.n for c in cs) else None
+    a.record.measured_error = after[0] - before[0]
+    a.record.holdout_error = None if after[1] is None else after[1] - before[1]
+
+
+def _rows(p, channels: int) -> np.ndarray:
+    """[channels, cols]: a producer's matrix rows of each group channel (zero where it makes none)."""
+    m = p.layer.adapter.to_matrices(p.layer.uses[0].node, p.layer.read().astype(np.float64))[0]
+    out = np.zeros((channels, m.shape[1]))
+    for c in range(p.port.lo, p.port.hi):
+        out[c] = m[p.port.units([c])].sum(axis=0) if p.port.block == 1 else 0.0
+    return out
 
 
 def _to_layer(layer: Layer, w: np.ndarray) -> tuple:
@@ -230,85 +342,9 @@ def _to_layer(layer: Layer, w: np.ndarray) -> tuple:
     return weight, bias
 
 
-# ----------------------------------------------------------------------------- rewriting
-
-def _units(keep: np.ndarray, block: int) -> np.ndarray:
-    return (keep[:, None] * block + np.arange(block)[None]).reshape(-1)
-
-
-def _position(layer: Layer) -> int:
-    return layer.uses[0].site.path[-1]
-
-
-def _dense_edits(layers: list[Layer], weights: dict) -> list:
-    out = []
-    for layer in layers:
-        if id(layer) in weights:
-            w, b = weights[id(layer)]
-            out.append(SetInput(_position(layer), layer.adapter.weight_input, w))
-            if b is not None:
-                out.append(SetInput(_position(layer), layer.adapter.bias_input, b))
-    return out
-
-
-def _shrink_edits(layers: list[Layer], active: list[_Active], weights: dict) -> list:
-    """Every edit that removes the chosen channels: one final array per layer input."""
-    by_node = {u.site.path[-1]: l for l in layers for u in l.uses if not u.site.scope}
-    final: dict[tuple, np.ndarray] = {}  # (position, input) -> array
-
-    def current(layer: Layer, k: int) -> np.ndarray:
-        key = (_position(layer), k)
-        if key not in final:
-            w, b = weights.get(id(layer), (layer.read(), layer.read_bias()))
-            if k == layer.adapter.weight_input:
-                final[key] = w
-            else:
-                final[key] = b if b is not None else _const(layer, k)
-        return final[key]
-
-    edits: list = []
-    for a in active:
-        g, keep = a.group, a.keep
-        for c in g.consumers:
-            node, k = c.layer.uses[0].node, c.layer.adapter.weight_input
-            final[(_position(c.layer), k)] = c.layer.adapter.drop_inputs(node, current(c.layer, k),
-                                                                         _units(keep, c.block))
-            if c.layer.bias is not None:  # compensated, even when no group of this layer's own goes
-                current(c.layer, c.layer.adapter.bias_input)
-        for p in g.producers:
-            _drop_outputs(p, keep, current, final)
-        for e in g.edits:
-            if e.kind == "depthwise":
-                layer = by_node[e.node[-1]]
-                mult = layer.shape[0] // layer.geometry.groups
-                rows = _units(keep, e.block * mult)  # whole groups go: slice, the group count changes
-                for k in (layer.adapter.weight_input, layer.adapter.bias_input):
-                    if len(layer.uses[0].node.input) > k and layer.uses[0].node.input[k]:
-                        final[(e.node[-1], k)] = np.take(current(layer, k), rows, axis=0)
-                edits.append(SetAttr(e.node[-1], "group", len(keep) * e.block))
-            elif e.kind == "slice":
-                edits.append(SliceInput(e.node[-1], e.input, e.axis, _units(keep, e.block)))
-            else:
-                edits.append(SetEntry(e.node[-1], e.input, e.axis, len(keep) * e.block))
-        edits += [ForgetShape(name) for name in g.ports]
-    return [SetInput(pos, k, arr) for (pos, k), arr in final.items()] + edits
-
-
-def _drop_outputs(layer: Layer, keep: np.ndarray, current, final: dict) -> None:
-    """The layer's output channels keep (its rows, and its bias when it has one as an input)."""
-    node, adapter = layer.uses[0].node, layer.adapter
-    pos = _position(layer)
-    final[(pos, adapter.weight_input)] = adapter.drop_outputs(node, current(layer, adapter.weight_input), keep)
-    b = adapter.bias_input
-    if b is not None and len(node.input) > b and node.input[b]:
-        final[(pos, b)] = adapter.drop_bias(node, current(layer, b), keep)
-
-
-def _const(layer: Layer, k: int) -> np.ndarray:
-    a = constant_array(layer.uses[0].site.node.inputs[k])
-    if a is None:
-        raise LobsError(f"layer {layer.name}: input {k} is computed at run time; its channels cannot be removed")
-    return a
+def _cut(loaded, index, layers, active: list[_Active], weights: dict) -> onnx.ModelProto:
+    removed = removed_units([(a.group, list(a.record.removed)) for a in active])
+    return _rewrite(loaded.model, shrink_edits(index, layers, [a.group for a in active], removed, weights))
 
 
 def _rewrite(model: onnx.ModelProto, edits: list) -> onnx.ModelProto:
@@ -319,9 +355,9 @@ def _rewrite(model: onnx.ModelProto, edits: list) -> onnx.ModelProto:
 
 # ----------------------------------------------------------------------------- checking
 
-def _check(shrunk, reference, feeds, active, loaded, layers, weights) -> None:
+def _check(shrunk, reference, feeds, active, cut_only, path) -> None:
     """The shrunk model is valid ONNX and computes what the dense-shaped equivalent computes."""
-    where = loaded.path or "model"
+    where = path or "model"
     try:
         if shrunk.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(shrunk, full_check=True)
@@ -334,16 +370,10 @@ def _check(shrunk, reference, feeds, active, loaded, layers, weights) -> None:
     bad = _disagreement(shrunk, reference, feeds)
     if bad is None:
         return
-    culprit = next((a.group.label for a in active
-                    if _disagreement(_rewrite(loaded.model, _shrink_edits(layers, [a], weights)),
-                                     _rewrite(loaded.model, _dense_edits(_consumers_of(a), weights)), feeds)),
+    culprit = next((a.group.label for a in active if _disagreement(cut_only([a]), reference, feeds)),
                    "several groups together")
     raise LobsError(f"{where}: removing the channels of group '{culprit}' changes the outputs ({bad}); "
                     "this is a bug in onnx-lobs, nothing was written")
-
-
-def _consumers_of(a: _Active) -> list[Layer]:
-    return [c.layer for c in a.group.consumers]
 
 
 def _disagreement(model, reference, feeds) -> str | None:
@@ -388,7 +418,51 @@ def parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def _summary(before: onnx.ModelProto, after: onnx.ModelProto) -> dict:
-    return {"params_before": parameters(before), "params_after": parameters(after),
-            "bytes_before": before.ByteSize(), "bytes_after": after.ByteSize()}
+def _costs(records, groups, before, after, dense: Flops) -> None:
+    """FLOPs and parameters of the layers each group touches, before and after (the nodes keep
+    their positions: the rewrite changes tensors, never the node list)."""
+    shrunk = count(after)
+    p_before, p_after = params_per_node(before), params_per_node(after)
+    by_label = {g.label: g for g in groups}
+    for r in records:
+        nodes = _touched(by_label[r.label])
+        r.flops_before = sum(dense.per_node.get(n, 0) for n in nodes)
+        r.params_before = sum(p_before.get(n, 0) for n in nodes)
+        if r.kept is not None:
+            r.flops_after = sum(shrunk.per_node.get(n, 0) for n in nodes)
+            r.params_after = sum(p_after.get(n, 0) for n in nodes)
 
+
+def _summary(before, after, dense: Flops, feeds, config) -> dict:
+    out = {"params_before": parameters(before), "params_after": parameters(after),
+           "flops_before": dense.total, "flops_after": count(after).total, "flops_unknown": dense.unknown,
+           "bytes_before": before.ByteSize(), "bytes_after": after.ByteSize()}
+    if feeds and config.latency:
+        out["latency"] = latency(before, after, feeds[0])
+    return out
+
+
+def latency(before, after, feed: dict, threads: int | None = None, budget: float = 1.0) -> dict:
+    """Warm onnxruntime latency of both models, interleaved, median ms, at batch 1 and at the
+    feed's batch, with the thread count used."""
+    threads = threads or min(4, os.cpu_count() or 1)
+    out = {"threads": threads}
+    batch = next(iter(feed.values())).shape[0]
+    for label, f in (("batch_1", {k: v[:1] for k, v in feed.items()}), (f"batch_{batch}", feed)):
+        sessions = [make_session(m, threads=threads) for m in (before, after)]
+        names = [output_names(m) for m in (before, after)]
+        times: list[list[float]] = [[], []]
+        for s, n in zip(sessions, names):  # warm-up
+            s.run(n, f)
+        start = time.perf_counter()
+        while time.perf_counter() - start < budget or len(times[0]) < 5:
+            for k in (0, 1):
+                t = time.perf_counter()
+                sessions[k].run(names[k], f)
+                times[k].append(time.perf_counter() - t)
+            if len(times[0]) >= 200:
+                break
+        before_ms, after_ms = (1e3 * float(np.median(t)) for t in times)
+        out[label] = {"before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms,
+                      "runs": len(times[0])}
+    return out

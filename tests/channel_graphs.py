@@ -99,10 +99,34 @@ class Graph:
         self.x = self.op("MaxPool", [self.x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
 
     def concat(self):
-        """Blocked (not understood yet): two convs joined along the channel axis."""
+        """Two convs joined along the channel axis: two groups meet in one tensor."""
         a = self.conv(self.x, self.c, self.c // 2, 1)
         b = self.conv(self.x, self.c, self.c - self.c // 2, 1)
         self.x = self.op("Concat", [a, b], axis=1)
+
+    def c2f(self):
+        """YOLO's C2f: a conv split in two parts, one through a conv, all three joined, then mixed."""
+        c, half = self.c, self.c // 2
+        y = self.op("Relu", [self.conv(self.x, c, c, 1)])
+        n = self.name("split")
+        self.nodes.append(helper.make_node("Split", [y, self.const([half, c - half], np.int64)],
+                                           [n + "a", n + "b"], name=n, axis=1))
+        z = self.op("Relu", [self.conv(n + "b", c - half, c - half, 3)])
+        cat = self.op("Concat", [n + "a", n + "b", z], axis=1)
+        self.x = self.conv(cat, c + (c - half), c, 1)
+
+    def slices(self):
+        """The channel axis sliced in two halves, one kept, one through a conv, joined again."""
+        c, half = self.c, self.c // 2
+        a = self.op("Slice", [self.x, self.const([0], np.int64), self.const([half], np.int64),
+                              self.const([1], np.int64)])
+        b = self.op("Slice", [self.x, self.const([half], np.int64), self.const([2 ** 62], np.int64),
+                              self.const([1], np.int64)])
+        self.x = self.op("Concat", [self.op("Relu", [a]), self.conv(b, c - half, c - half, 3)], axis=1)
+
+    def lrn(self):
+        """Blocked: local response normalisation mixes neighbouring channels."""
+        self.x = self.op("LRN", [self.x], size=3)
 
     def channel_softmax(self):
         """Blocked: a normalisation over the channel axis."""
@@ -146,8 +170,9 @@ class Graph:
         return m
 
 
-BLOCKS = ("conv_bn_act", "residual", "inverted", "squeeze_excite", "nhwc", "scale", "pool")
-BLOCKING = ("concat", "channel_softmax", "tap")
+BLOCKS = ("conv_bn_act", "residual", "inverted", "squeeze_excite", "nhwc", "scale", "pool", "concat", "c2f",
+          "slices")
+BLOCKING = ("lrn", "channel_softmax", "tap")
 HEADS = ("gap_head", "flatten_head", "reshape_head")
 ACTS = ("relu", "prelu", "clip", "gelu", "hardswish")
 

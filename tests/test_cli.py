@@ -201,21 +201,24 @@ def test_subprocess_entry_points(tmp_path):
 def test_structured_prune_and_inspect(tmp_path, capsys):
     from tests import channel_graphs as cg
 
-    model, layers = cg.built(["residual", "concat"])
+    model, layers = cg.built(["residual", "lrn"])
     src, out, calib, rep = (str(tmp_path / n) for n in ("m.onnx", "o.onnx", "c.npz", "r.json"))
     onnx.save(model, src)
     np.savez(calib, **cg.feed(model, 64))
     before = digest(src)
     assert cli("inspect", src, "--structured", "--json") == 0
     groups = json.loads(capsys.readouterr().out)["groups"]
-    assert groups[0]["producers"][0] == layers[0] and groups[0]["blocked"] is None
-    assert any("Concat" in (g["blocked"] or "") for g in groups)
+    assert groups[0]["producers"][0] == layers[0] and "LRN" in groups[0]["blocked"]  # the stream meets it
+    assert groups[1]["blocked"] is None
+    assert any("LRN" in (g["blocked"] or "") for g in groups)
     assert cli("prune", src, "-o", out, "--structured", "--sparsity", "0.5", "--round-to", "2", "--calib", calib,
                "--no-default-exclude", "--report", rep, "--quiet") == 0
     text = capsys.readouterr().out
-    assert "8 -> 4" in text and "kept whole:" in text and "Concat" in text
+    assert "8 -> 4" in text and "kept whole:" in text and "LRN" in text
     report = json.load(open(rep))
     assert report["summary"]["params_after"] < report["summary"]["params_before"]
+    speed = report["summary"]["latency"]
+    assert speed["threads"] >= 1 and speed["batch_1"]["before_ms"] > 0 and speed["batch_1"]["runs"] >= 5
     assert any(g["kept"] == 4 for g in report["groups"])
     assert digest(src) == before
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}

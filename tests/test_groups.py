@@ -19,7 +19,7 @@ def _groups(model):
 
 
 def _shape(g):
-    return ([p.name for p in g.producers], [(c.layer.name, c.block) for c in g.consumers], g.blocked)
+    return ([p.layer.name for p in g.producers], [(c.layer.name, c.port.block) for c in g.consumers], g.blocked)
 
 
 def test_a_residual_stage_is_one_group():
@@ -43,7 +43,7 @@ def test_depthwise_passes_the_expanded_channels_through():
 def test_squeeze_excite_gate_joins_the_gated_channels():
     model, (stem, reduce, expand, fc, _) = cg.built(["squeeze_excite"])
     g = _groups(model)[0]
-    assert [p.name for p in g.producers] == [stem, expand]  # the stem, and the gate's expand conv
+    assert [p.layer.name for p in g.producers] == [stem, expand]  # the stem, and the gate's expand conv
     assert sorted(c.layer.name for c in g.consumers) == sorted([reduce, fc])
 
 
@@ -51,7 +51,7 @@ def test_squeeze_excite_gate_joins_the_gated_channels():
 def test_a_flatten_into_a_gemm_makes_each_channel_a_block_of_columns(head, block):
     g = _groups(cg.build([], head=head))[0]
     assert g.blocked is None
-    assert [c.block for c in g.consumers] == [block]
+    assert [c.port.block for c in g.consumers] == [block]
     assert any(e.kind == "entry" for e in g.edits) == (head == "reshape_head")
 
 
@@ -68,13 +68,29 @@ def test_activations_and_nhwc_scales_pass_through(act):
 
 
 @pytest.mark.parametrize("block,why", [
-    ("concat", "Concat 'concat"), ("channel_softmax", "normalises over the channel axis"),
-    ("tap", "graph output")])
+    ("lrn", "LRN 'lrn"), ("channel_softmax", "normalises over the channel axis"), ("tap", "graph output")])
 def test_what_is_not_understood_keeps_the_group_whole_and_says_why(block, why):
     model, layers = cg.built(["residual", block])
+    g = _groups(model)[0]  # the residual stream, which meets the block
+    assert g.blocked is not None and why in g.blocked
+
+
+def test_concat_puts_each_group_at_its_offset():
+    model, (stem, a, b, fc, _) = cg.built(["concat"])
     g = {x.label: x for x in _groups(model)}
-    touched = g[layers[3]] if block == "concat" else g[layers[0]]  # a concat's first half, or the stream
-    assert touched.blocked is not None and why in touched.blocked
+    cat = next(n for n in g[a].ports if n.startswith("concat"))
+    assert (g[a].ports[cat].offset, g[b].ports[cat].offset) == (0, 4)
+    assert [c.layer.name for c in g[a].consumers] == [fc] == [c.layer.name for c in g[b].consumers]
+    assert g[a].blocked is None and g[b].blocked is None
+
+
+def test_split_parts_carry_ranges_of_the_channels():
+    model, (stem, first, inner, mix, fc, _) = cg.built(["c2f"])
+    g = {x.label: x for x in _groups(model)}[first]
+    assert g.blocked is None
+    reads = {c.layer.name: (c.port.lo, c.port.hi, c.port.offset) for c in g.consumers}
+    assert reads == {inner: (4, 8, 0), mix: (0, 8, 0)}  # the mix reads all eight, and z (another group)
+    assert [e.kind for e in g.edits] == ["split"]
 
 
 def test_mlp_hidden_neurons():

@@ -48,7 +48,7 @@ class SetEntry:
 class SetAttr:
     node: int
     name: str
-    value: int
+    value: int | list  # an integer, or a list of integers
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ class ShrinkChannels:
             if isinstance(e, ForgetShape):
                 names[e.value].shape = None
             elif isinstance(e, SetAttr):
-                nodes[e.node].attributes[e.name] = ir.AttrInt64(e.name, int(e.value))
+                nodes[e.node].attributes[e.name] = (ir.AttrInt64s(e.name, [int(v) for v in e.value])
+                                                    if isinstance(e.value, list) else ir.AttrInt64(e.name, int(e.value)))
             else:
                 node = nodes[e.node]
                 old = constant_array(node.inputs[e.input])
@@ -140,8 +141,8 @@ def _write(model: ir.Model, node: ir.Node, k: int, array: np.ndarray) -> None:
             source.const_value = new
         else:
             source.producer().attributes["value"] = ir.AttrTensor("value", new)
-        for v in chain:
-            v.shape = None
+        for v in chain:  # an Identity or Cast keeps the shape: all of them have the new one
+            v.shape = ir.Shape(np.shape(array))
         return
     # Another node reads this constant: give this node its own, in the type the node computes in.
     computed = chain[0].dtype

@@ -22,32 +22,48 @@ STRUCTURED_METHODS = ("lobs", "magnitude", "wanda")
 
 @dataclass
 class View:
-    """One consumer of a group as the channel solve sees it."""
+    """One consumer as the channel solves see it; groups that share it update it in turn."""
 
     w: np.ndarray  # [rows, cols] float64, the bias as the last column when there is one
-    hinv: np.ndarray  # [cols, cols] damped inverse Hessian (bias included)
+    hinv: np.ndarray  # [cols, cols] damped inverse Hessian (bias included), downdated in place
     h: np.ndarray  # [cols, cols] the undamped Hessian, for energies and errors
-    columns: np.ndarray  # [channels, m] the columns of each channel
     energy: float = field(init=False)
+    w0: np.ndarray = field(init=False)  # the dense W, for errors
 
     def __post_init__(self):
         self.energy = 0.5 * float(np.sum((self.w @ self.h) * self.w)) or 1.0
+        self.w0 = self.w.copy()
+
+
+@dataclass
+class Reader:
+    """What one group's channels are to one consumer: columns [channels, m], and which channels
+    it reads at all (a consumer after a Split sees only its part)."""
+
+    view: View
+    columns: np.ndarray
+    present: np.ndarray
 
 
 @dataclass
 class Chosen:
     removed: list[int]  # channels in the order they went
     costs: list[float]  # the normalised cost of each removal, summed over consumers
-    weights: list[np.ndarray]  # each view's new W (removed columns zero)
 
 
-def block_costs(view: View, alive: np.ndarray) -> np.ndarray:
-    """e(M_c) / energy for every alive channel c of one consumer, with its current W and H^-1."""
-    idx = view.columns[alive]  # [k, m]
-    b = view.hinv[idx[:, :, None], idx[:, None, :]]  # [k, m, m]
-    wm = np.transpose(view.w[:, idx], (1, 2, 0))  # [k, m, rows]
+def block_costs(r: Reader, alive: np.ndarray) -> np.ndarray:
+    """e(M_c) / energy for every alive channel c (0 where the consumer does not read it)."""
+    out = np.zeros(int(alive.sum()))
+    mine = r.present[alive]
+    if not mine.any():
+        return out
+    idx = r.columns[alive][mine]  # [k, m]
+    v = r.view
+    b = v.hinv[idx[:, :, None], idx[:, None, :]]  # [k, m, m]
+    wm = np.transpose(v.w[:, idx], (1, 2, 0))  # [k, m, rows]
     y = np.linalg.solve(b, wm)
-    return 0.5 * np.sum(wm * y, axis=(1, 2)) / view.energy
+    out[mine] = 0.5 * np.sum(wm * y, axis=(1, 2)) / v.energy
+    return out
 
 
 def remove_block(view: View, cols: np.ndarray) -> None:
@@ -63,52 +79,52 @@ def remove_block(view: View, cols: np.ndarray) -> None:
     view.hinv[cols, cols] = 1.0  # decoupled: removed columns no longer take part
 
 
-def obs_channels(views: list[View], n_remove: int) -> Chosen:
+def obs_channels(readers: list[Reader], channels: int, n_remove: int) -> Chosen:
     """Greedy block OBS over all consumers at once: the cheapest channel, then update, repeat."""
-    channels = views[0].columns.shape[0]
     alive = np.ones(channels, bool)
     removed, costs = [], []
     for _ in range(n_remove):
-        total = sum(block_costs(v, alive) for v in views)
+        total = sum(block_costs(r, alive) for r in readers)
         pick = int(np.flatnonzero(alive)[int(np.argmin(total))])
         costs.append(float(np.min(total)))
-        for v in views:
-            remove_block(v, v.columns[pick])
+        for r in readers:
+            if r.present[pick]:
+                remove_block(r.view, r.columns[pick])
         alive[pick] = False
         removed.append(pick)
-    return Chosen(removed, costs, [v.w for v in views])
+    return Chosen(removed, costs)
 
 
-def rank_without_compensation(scores: np.ndarray, views: list[View], n_remove: int) -> Chosen:
+def rank_without_compensation(scores: np.ndarray, readers: list[Reader], n_remove: int) -> Chosen:
     """Remove the n_remove lowest-scoring channels; the consumers' columns are only zeroed."""
     order = [int(c) for c in np.argsort(scores, kind="stable")[:n_remove]]
-    out = []
-    for v in views:
-        w = v.w.copy()
+    costs = [float(sum(_plain_cost(r, c) for r in readers if r.present[c])) for c in order]
+    for r in readers:
         for c in order:
-            w[:, v.columns[c]] = 0.0
-        out.append(w)
-    costs = [float(sum(_plain_cost(v, c) for v in views)) for c in order]
-    return Chosen(order, costs, out)
+            if r.present[c]:
+                r.view.w[:, r.columns[c]] = 0.0
+    return Chosen(order, costs)
 
 
-def _plain_cost(view: View, c: int) -> float:
-    cols = view.columns[c]
-    wm = view.w[:, cols]
-    return 0.5 * float(np.sum((wm @ view.h[np.ix_(cols, cols)]) * wm)) / view.energy
+def _plain_cost(r: Reader, c: int) -> float:
+    cols = r.columns[c]
+    wm = r.view.w[:, cols]
+    return 0.5 * float(np.sum((wm @ r.view.h[np.ix_(cols, cols)]) * wm)) / r.view.energy
 
 
-def wanda_scores(views: list[View]) -> np.ndarray:
+def wanda_scores(readers: list[Reader], channels: int) -> np.ndarray:
     """sum over consumers of sum_i W_iM^2 H_MM / energy, per channel (diagonal, no cross terms)."""
-    total = 0.0
-    for v in views:
-        d = np.diagonal(v.h)
-        total = total + np.sum(v.w[:, v.columns] ** 2 * d[v.columns][None], axis=(0, 2)) / v.energy
-    return np.asarray(total)
+    total = np.zeros(channels)
+    for r in readers:
+        d = np.diagonal(r.view.h)
+        s = np.sum(r.view.w[:, r.columns] ** 2 * d[r.columns][None], axis=(0, 2)) / r.view.energy
+        total += np.where(r.present, s, 0.0)
+    return total
 
 
 def magnitude_scores(producer_rows: list[np.ndarray]) -> np.ndarray:
-    """Squared L2 norm of each channel's producer rows [channels, ...], summed over producers."""
+    """Squared L2 norm of each channel's producer rows [channels, ...], summed over producers
+    (rows of channels a producer does not make are zero)."""
     return np.sum([np.sum(r.reshape(r.shape[0], -1).astype(np.float64) ** 2, axis=1) for r in producer_rows],
                   axis=0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lobs.solvers.channels import (View, block_costs, kept_count, magnitude_scores, obs_channels,
+from onnx_lobs.solvers.channels import (Reader, View, block_costs, kept_count, magnitude_scores, obs_channels,
                                         rank_without_compensation, remove_block, wanda_scores)
 
 
@@ -21,8 +21,9 @@ def _problem(rng, rows=5, channels=6, m=3, n=400, bias=True):
     return x, w, h, columns
 
 
-def _view(w, h, columns):
-    return View(w.copy(), np.linalg.inv(h), h, columns)
+def _reader(w, h, columns, present=None):
+    present = np.ones(len(columns), bool) if present is None else present
+    return Reader(View(w.copy(), np.linalg.inv(h), h), columns, present)
 
 
 def _refit(x, w, removed_cols):
@@ -40,12 +41,12 @@ def _refit(x, w, removed_cols):
 def test_block_cost_and_update_match_a_refit(bias):
     rng = np.random.default_rng(0)
     x, w, h, columns = _problem(rng, bias=bias)
-    view = _view(w, h, columns)
-    costs = block_costs(view, np.ones(len(columns), bool)) * view.energy
+    r = _reader(w, h, columns)
+    costs = block_costs(r, np.ones(len(columns), bool)) * r.view.energy
     for c in range(len(columns)):
         new, err = _refit(x, w, columns[c])
         assert costs[c] == pytest.approx(err, rel=1e-8)
-        one = _view(w, h, columns)
+        one = _reader(w, h, columns).view
         remove_block(one, columns[c])
         np.testing.assert_allclose(one.w, new, atol=1e-8)
 
@@ -53,23 +54,23 @@ def test_block_cost_and_update_match_a_refit(bias):
 def test_greedy_removals_add_up_to_the_refit_error_of_the_final_set():
     rng = np.random.default_rng(1)
     x, w, h, columns = _problem(rng, channels=7)
-    view = _view(w, h, columns)
-    chosen = obs_channels([view], 4)
+    r = _reader(w, h, columns)
+    chosen = obs_channels([r], 7, 4)
     removed_cols = columns[chosen.removed].ravel()
     new, err = _refit(x, w, removed_cols)
-    assert sum(chosen.costs) * view.energy == pytest.approx(err, rel=1e-7)
-    np.testing.assert_allclose(chosen.weights[0], new, atol=1e-7)
+    assert sum(chosen.costs) * r.view.energy == pytest.approx(err, rel=1e-7)
+    np.testing.assert_allclose(r.view.w, new, atol=1e-7)
     assert len(set(chosen.removed)) == 4
 
 
 def test_the_first_greedy_pick_is_the_cheapest_over_all_consumers():
     rng = np.random.default_rng(2)
     problems = [_problem(rng, rows=r, channels=5, m=m) for r, m in ((4, 2), (3, 1))]
-    views = [_view(w, h, c) for _, w, h, c in problems]
+    readers = [_reader(w, h, c) for _, w, h, c in problems]
     # the exact joint cost of removing each channel: the refit errors, each over its energy
-    exact = [sum(_refit(x, w, c[k])[1] / View(w, np.linalg.inv(h), h, c).energy for x, w, h, c in problems)
+    exact = [sum(_refit(x, w, c[k])[1] / View(w, np.linalg.inv(h), h).energy for x, w, h, c in problems)
              for k in range(5)]
-    chosen = obs_channels(views, 1)
+    chosen = obs_channels(readers, 5, 1)
     assert chosen.removed[0] == int(np.argmin(exact))
     assert chosen.costs[0] == pytest.approx(min(exact), rel=1e-8)
 
@@ -77,22 +78,40 @@ def test_the_first_greedy_pick_is_the_cheapest_over_all_consumers():
 def test_without_compensation_only_the_removed_columns_change():
     rng = np.random.default_rng(3)
     _, w, h, columns = _problem(rng)
-    view = _view(w, h, columns)
+    r = _reader(w, h, columns)
     scores = np.array([5.0, 1.0, 4.0, 0.5, 3.0, 2.0])
-    chosen = rank_without_compensation(scores, [view], 2)
+    chosen = rank_without_compensation(scores, [r], 2)
     assert chosen.removed == [3, 1]
     expect = w.copy()
     expect[:, columns[[1, 3]].ravel()] = 0
-    np.testing.assert_array_equal(chosen.weights[0], expect)
+    np.testing.assert_array_equal(r.view.w, expect)
+
+
+def test_a_consumer_that_reads_part_of_the_channels():
+    """Two consumers, one reading only channels 0-2 (after a Split): its absent channels cost it
+    nothing, and removing them leaves it alone; the joint greedy run equals a refit of both."""
+    rng = np.random.default_rng(5)
+    x1, w1, h1, c1 = _problem(rng, channels=6, m=2)
+    x2, w2, h2, c2 = _problem(rng, channels=3, m=1)
+    present = np.array([True, True, True, False, False, False])
+    cols2 = np.r_[c2, np.zeros((3, 1), int)]
+    a, b = _reader(w1, h1, c1), _reader(w2, h2, cols2, present)
+    chosen = obs_channels([a, b], 6, 3)
+    gone = chosen.removed
+    new1, e1 = _refit(x1, w1, c1[gone].ravel())
+    new2, e2 = _refit(x2, w2, cols2[[g for g in gone if g < 3]].ravel()) if any(g < 3 for g in gone) else (w2, 0.0)
+    np.testing.assert_allclose(a.view.w, new1, atol=1e-7)
+    np.testing.assert_allclose(b.view.w, new2, atol=1e-7)
+    assert sum(chosen.costs) == pytest.approx(e1 / a.view.energy + e2 / b.view.energy, rel=1e-7)
 
 
 def test_scores():
     rng = np.random.default_rng(4)
     _, w, h, columns = _problem(rng, bias=False)
-    view = _view(w, h, columns)
-    slow = [sum(w[i, j] ** 2 * h[j, j] for i in range(w.shape[0]) for j in columns[c]) / view.energy
+    r = _reader(w, h, columns)
+    slow = [sum(w[i, j] ** 2 * h[j, j] for i in range(w.shape[0]) for j in columns[c]) / r.view.energy
             for c in range(len(columns))]
-    np.testing.assert_allclose(wanda_scores([view]), slow)
+    np.testing.assert_allclose(wanda_scores([r], len(columns)), slow)
     rows = [rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 5))]
     np.testing.assert_allclose(magnitude_scores(rows), [np.sum(rows[0][c] ** 2) + np.sum(rows[1][c] ** 2)
                                                         for c in range(4)])

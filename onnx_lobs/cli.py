@@ -178,8 +178,9 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--structured", is_flag=True,
               help="Remove whole channels, neurons and their coupled groups: the graph shrinks "
                    "(methods lobs, wanda, magnitude).")
-@click.option("--round-to", type=int, default=1, show_default=True, metavar="K",
-              help="With --structured: keep a multiple of K channels in every group (SIMD-friendly shapes).")
+@click.option("--round-to", type=int, default=8, show_default=True, metavar="K",
+              help="With --structured: keep a multiple of K channels in every group (onnxruntime's fast "
+                   "kernels take blocks of 8; 1 keeps exact fractions).")
 @click.option("--flops", type=float, metavar="F",
               help="With --structured: keep at most F of the dense model's FLOPs, removing the channels "
                    "of least cost per FLOP saved across the model.")

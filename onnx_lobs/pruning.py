@@ -46,7 +46,9 @@ class PruneConfig:
     global_sparsity: float | None = None  # allocate this overall sparsity across layers
     default_exclude: bool = True  # leave first layers with very few inputs dense
     structured: bool = False  # remove whole channels of each group (sparsity: their fraction)
-    round_to: int = 1  # structured: kept channel counts rounded to a multiple of this
+    # structured: kept channel counts rounded to a multiple of this; onnxruntime's fast conv kernels
+    # work on blocks of 8 channels (YOLO-style model at half the FLOPs: 1.0x faster with any counts, 3.4x with 8)
+    round_to: int = 8
     flops: float | None = None  # structured: keep at most this fraction of the dense FLOPs
     latency: bool = True  # structured: time both models in onnxruntime for the report
     progress: bool = False

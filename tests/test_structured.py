@@ -20,6 +20,7 @@ from tests.test_groups import _groups
 
 
 def _config(**kw) -> PruneConfig:
+    kw.setdefault("round_to", 1)  # the small test graphs have 8 or 12 channels per group
     return PruneConfig(structured=True, latency=False, **kw)
 
 
@@ -179,3 +180,11 @@ def test_generated_graphs(blocks, head, acts, seed, sparsity, method):
         assert (g.kept is None) == (g.blocked is not None)
         if not set(blocks) & set(cg.BLOCKING):  # everything understood: only the logits stay
             assert g.blocked is None or "graph output 'add" in g.blocked, g.blocked
+
+
+def test_kept_counts_are_multiples_of_eight_by_default():
+    model = cg.build(["residual", "inverted"], channels=32)
+    result = prune(model, cg.feed(model, 64), PruneConfig(structured=True, sparsity=0.3, latency=False,
+                                                         default_exclude=False))
+    kept = [g.kept for g in result.report.groups if g.kept is not None]
+    assert kept and all(k % 8 == 0 for k in kept)

@@ -140,9 +140,9 @@ def prune_structured(loaded, calibration, config) -> Outcome:
         raise LobsError(f"{source.origin}: no calibration samples")
     t = time.perf_counter()
     damp = config.damp if config.damp is not None else DEFAULT_DAMP
+    views = {k: _view(c, damp) for k, c in collectors.items()}  # one damped inverse per consumer
     if config.global_sparsity is not None or config.flops is not None:
-        active = _allocate(active, collectors, config, damp, dense_flops, layers)
-    views = {k: _view(c, damp) for k, c in collectors.items()}
+        active = _allocate(active, views, config, dense_flops, layers)
     for a in active:
         _solve_group(a, collectors, views, config.method)
     weights = {k: _to_layer(collectors[k].layer, v.w) for k, v in views.items()}  # dense-shaped
@@ -203,7 +203,7 @@ def _touched(g: Group) -> set[int]:
     return nodes | {e.node[-1] for e in g.edits if e.kind == "depthwise"}
 
 
-def _allocate(active: list[_Active], collectors: dict, config, damp: float, dense: Flops, layers) -> list[_Active]:
+def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers) -> list[_Active]:
     """Counts per group from one model-wide ranking: each group's greedy removals, by cost
     (--global: a fraction of all channels) or by cost per FLOP saved (--flops). A FLOPs target
     is met exactly: a layer between two pruned groups saves less than both estimates together,
@@ -211,8 +211,8 @@ def _allocate(active: list[_Active], collectors: dict, config, damp: float, dens
     is bilinear in its input and output channels) are within the target."""
     orders, costs, savings = [], [], []
     for a in active:
-        views = {id(c.layer): _view(collectors[id(c.layer)], damp) for c in a.group.consumers}
-        chosen = _choose(a, views, config.method, a.n_remove)
+        trial = {id(c.layer): views[id(c.layer)].copy() for c in a.group.consumers}
+        chosen = _choose(a, trial, config.method, a.n_remove)
         orders.append(chosen.removed)
         costs.append(chosen.costs)
         flops = sum(dense.per_node.get(p, 0) for p in _touched(a.group))
@@ -329,8 +329,7 @@ def _rows(p, channels: int) -> np.ndarray:
     """[channels, cols]: a producer's matrix rows of each group channel (zero where it makes none)."""
     m = p.layer.adapter.to_matrices(p.layer.uses[0].node, p.layer.read().astype(np.float64))[0]
     out = np.zeros((channels, m.shape[1]))
-    for c in range(p.port.lo, p.port.hi):
-        out[c] = m[p.port.units([c])].sum(axis=0) if p.port.block == 1 else 0.0
+    out[p.port.lo:p.port.hi] = m[p.port.offset:p.port.offset + p.port.hi - p.port.lo]  # producers: block 1
     return out
 
 

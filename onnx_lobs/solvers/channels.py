@@ -34,6 +34,10 @@ class View:
         self.energy = 0.5 * float(np.sum((self.w @ self.h) * self.w)) or 1.0
         self.w0 = self.w.copy()
 
+    def copy(self) -> "View":
+        """An independent view in the same state (a trial run leaves the original untouched)."""
+        return View(self.w.copy(), self.hinv.copy(), self.h)
+
 
 @dataclass
 class Reader:

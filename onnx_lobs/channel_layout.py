@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
-from .channel_ops import LAYOUT, Context, Port, Rel, at, relate_simple
+from .channel_ops import LAYOUT, Coarser, Context, Port, Rel, at, relate_simple
 
 
 def relate(ctx: Context, node: ir.Node, v: ir.Value, port: Port, channels: int):
@@ -173,22 +173,49 @@ def _reshape(ctx: Context, node: ir.Node, v: ir.Value, port: Port):
     if factor is None:
         return "mixes channels (the channel axis does not stay whole)"
     num, den = factor
-    if (port.block * num) % den or (port.offset * num) % den:
+    if (port.offset * num) % den:
         return "splits a channel across axes"
+    if (port.block * num) % den:  # into heads: whole blocks of channels stay together
+        return Coarser(den // math.gcd(port.block * num, den), "splits a channel across axes")
     moved = replace(port, axis=o, block=port.block * num // den, offset=port.offset * num // den)
     edits = ()
     if node.op_type == "Reshape":
-        shape = ctx.array(node.inputs[1])
-        if shape is None:
-            return "its target shape is computed at run time"
-        out_axis = o if v is x else port.axis
-        entry = shape.reshape(-1)[out_axis]
-        if entry == 0:
-            return "copies the channel count from its input (shape entry 0)"
-        if entry > 0:
-            edits = (ctx.edit("entry", node, out, input=1, axis=out_axis),)
+        edits = _target_entry(ctx, node, o if v is x else port.axis)
+        if isinstance(edits, str):
+            return edits
     ports = ((x, port), at(moved, out)) if v is x else (at(moved, x), (out, port))
     return Rel(ports=ports, edits=edits)
+
+
+def _target_entry(ctx: Context, node: ir.Node, axis: int):
+    """The edit that keeps a Reshape's target size on the channel axis right: an entry of its
+    constant shape, of a constant piece of the Concat that builds it (exporters' [batch, seq,
+    heads, -1]), or a piece computed at run time that becomes the new literal size."""
+    out, target = node.outputs[0], node.inputs[1]
+    where, k, entry = node, 1, axis
+    shape = ctx.array(target)
+    if shape is None:
+        cat = target.producer()
+        if cat is None or cat.op_type != "Concat" or cat.graph is not node.graph:
+            return "its target shape is computed at run time"
+        where, start = cat, 0
+        for k, piece in enumerate(cat.inputs):
+            n = ctx.size(piece, 0)
+            if n is None or ctx.rank(piece) != 1:
+                return "its target shape is computed at run time"
+            if start <= axis < start + n:
+                break
+            start += n
+        entry, shape = axis - start, ctx.array(piece)
+        if shape is None:
+            size = ctx.size(out, axis)
+            if n != 1 or size is None:
+                return "its target size on the channel axis is computed at run time"
+            return (ctx.edit("literal", cat, out, input=k, data=(size,)),)
+    value = shape.reshape(-1)[entry]
+    if value == 0:
+        return "copies the channel count from its input (shape entry 0)"
+    return (ctx.edit("entry", where, out, input=k, axis=entry),) if value > 0 else ()
 
 
 def _leading_match(lead: tuple, other: tuple) -> int | None:

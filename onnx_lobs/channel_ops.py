@@ -53,7 +53,8 @@ class Edit:
     """A constant or attribute that changes with the units removed from the value `ref`.
 
     kind "slice": a constant input sliced along its axis; "entry": entry `axis` of a constant
-    shape/sizes input; "depthwise": a depthwise Conv's rows (ref: its output) and group (its
+    shape/sizes input; "literal": a computed 1-element shape piece replaced by the new size
+    (data: the size before); "depthwise": a depthwise Conv's rows (ref: its output) and group (its
     input, `ref2`); "split": a Split's part sizes; "range": a Slice's starts and ends (ref: its input)."""
 
     kind: str
@@ -64,6 +65,15 @@ class Edit:
     axis: int = 0
     ref2: str = ""
     data: tuple = ()  # "range": the kept [start, end) on the channel axis, normalised
+
+
+@dataclass(frozen=True)
+class Coarser:
+    """The channels can be followed only in blocks of `factor` of them (a Reshape into attention
+    heads): the group is explored again with each block as one channel."""
+
+    factor: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,10 @@ def relate_simple(ctx: Context, node: ir.Node, v: ir.Value, port: Port, channels
         return _layer_role(ctx, node, v, port)
     if op == "Conv":
         return "its weight is not a prunable constant"
+    if op == "MatMul":
+        return _product(ctx, node, v, port)
+    if op == "Shape":
+        return _shape(ctx, node, port)
     extra = [o for o in node.outputs[1:] if o.uses() or o.is_graph_output()]
     if extra and op != "Split":
         return f"its output '{extra[0].name}' is used"
@@ -194,7 +208,7 @@ def _layer_role(ctx: Context, node: ir.Node, v: ir.Value, port: Port):
     if group != 1:
         return f"grouped {layer.op} (group={group})"
     if node.outputs[0] is v:
-        if port.block != 1 or port.axis != out_axis(ctx, layer):
+        if port.axis != out_axis(ctx, layer):
             return "produces the channels on another axis"
         b = layer.adapter.bias_input
         if b is not None and b < len(node.inputs) and node.inputs[b] is not None and ctx.const(node.inputs[b]) is None:
@@ -274,6 +288,70 @@ def _elementwise(ctx: Context, node: ir.Node, v: ir.Value, port: Port, channels:
         else:
             ports.append(at(port, x, axis=a))
     return Rel(ports=tuple(ports), edits=tuple(edits))
+
+
+def _product(ctx: Context, node: ir.Node, v: ir.Value, port: Port):
+    """A MatMul of two computed tensors (attention's q.k and probs.v): channels on a batch axis
+    (heads) tie both operands and the output, on A's rows or B's columns they pass to the
+    output's; on the contracted axis they would mix."""
+    a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    ranks = [ctx.rank(x) for x in (a, b, y)]
+    if None in ranks or min(ranks[:2]) < 2 or a is b:
+        return "a product whose operand ranks are not known, or with a vector or itself"
+    ra, rb, ry = ranks
+    ax = port.axis
+    if v is a and ax == ra - 1 or v is b and ax == rb - 2:
+        return "contracts the channels with another computed tensor"
+    if v is a and ax == ra - 2 or v is y and ax == ry - 2:
+        return Rel(ports=(at(port, a, axis=ra - 2), at(port, y, axis=ry - 2)))
+    if v is b and ax == rb - 1 or v is y and ax == ry - 1:
+        return Rel(ports=(at(port, b, axis=rb - 1), at(port, y, axis=ry - 1)))
+    y_ax = ax + ry - ctx.rank(v)  # a batch axis, broadcast from the right
+    ports = [at(port, y, axis=y_ax)]
+    for x, r in ((a, ra), (b, rb)):
+        x_ax = y_ax - (ry - r)
+        if x is v or x_ax < 0 or ctx.size(x, x_ax) == 1:
+            continue
+        if ctx.size(x, x_ax) is None:
+            return f"the size of '{x.name}' on the channel axis is not known"
+        if ctx.const(x) is not None:
+            return f"its operand '{x.name}' is a constant that is not a layer"
+        ports.append(at(port, x, axis=x_ax))
+    return Rel(ports=tuple(ports))
+
+
+def _shape(ctx: Context, node: ir.Node, port: Port):
+    """A Shape whose every reader takes other entries than the channel count (Gather or Slice of
+    constant positions, as exporters compute batch and sequence sizes) does not see it."""
+    r = ctx.rank(node.inputs[0])
+    if r is None:
+        return "the rank of its input is not known"
+    start, end = ctx.attr(node, "start", 0), ctx.attr(node, "end", r)
+    start, end = (max(0, min(r, x + r if x < 0 else x)) for x in (start, end))
+    if not start <= port.axis < end:
+        return Rel()
+    for use in node.outputs[0].uses():
+        reader = use.node
+        if reader.op_type == "Gather" and ctx.attr(reader, "axis", 0) == 0 and use.idx == 0:
+            picked = ctx.array(reader.inputs[1])
+            if picked is not None and port.axis - start not in {int(i) % (end - start) for i in picked.reshape(-1)}:
+                continue
+        if reader.op_type == "Slice" and use.idx == 0:
+            spec = slice_range(ctx, reader, end - start)
+            if spec is not None and not spec[0] <= port.axis - start < spec[1]:
+                continue
+        return f"the channel count is read at run time (by {reader.op_type} '{ctx.index.site(reader).label}')"
+    return Rel()
+
+
+def slice_range(ctx: Context, node: ir.Node, size: int) -> tuple[int, int] | None:
+    """[start, end) of a step-1 Slice of a 1-D tensor of the given size, or None when not constant."""
+    args = [ctx.array(node.inputs[k]) if k < len(node.inputs) and node.inputs[k] is not None else None
+            for k in range(1, 5)]
+    if args[0] is None or args[1] is None or (args[3] is not None and int(args[3].reshape(-1)[0]) != 1):
+        return None
+    s, e = (int(a.reshape(-1)[0]) for a in args[:2])
+    return tuple(max(0, min(size, x + size if x < 0 else x)) for x in (s, e))
 
 
 def _norm(ctx: Context, node: ir.Node, v: ir.Value, port: Port, per_channel: tuple):

@@ -93,17 +93,20 @@ def _inspect_groups(model, loaded, as_json):
     total = count(loaded.model).total
     if as_json:
         click.echo(json.dumps({"model": model, "groups": [
-            {"group": g.label, "channels": g.channels, "producers": g.producers, "consumers": g.consumers,
+            {"group": g.label, "channels": g.channels, "width": g.width, "producers": g.producers,
+             "consumers": g.consumers,
              "flops": g.flops_before, "flops_share": g.flops_before / total if total else None,
              "blocked": g.blocked} for g in groups]}, indent=2))
         return
     click.echo(f"{'group':<28} {'channels':>8} {'FLOPs':>6}  producers -> consumers")
     for g in groups:
         share = f"{100 * g.flops_before / total:.1f}%" if total else "-"
-        click.echo(f"{g.label[:28]:<28} {g.channels:>8} {share:>6}  {', '.join(g.producers)} -> "
+        channels = f"{g.channels}x{g.width}" if g.width > 1 else str(g.channels)
+        click.echo(f"{g.label[:28]:<28} {channels:>8} {share:>6}  {', '.join(g.producers)} -> "
                    f"{', '.join(g.consumers) or '-'}" + (f"\n{'':<38}kept whole: {g.blocked}" if g.blocked else ""))
     free = sum(g.blocked is None for g in groups)
-    click.echo(f"(FLOPs: the share of the model's {total / 1e6:.3g} MFLOPs at batch 1 in the layers a group touches)")
+    click.echo(f"(FLOPs: the share of the model's {total / 1e6:.3g} MFLOPs at batch 1 in the layers a group touches;"
+               " HxD: H channels of D units each, e.g. attention heads)")
     click.echo(f"{len(groups)} channel groups, {free} prunable, {len(groups) - free} kept whole")
 
 

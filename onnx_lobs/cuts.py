@@ -16,7 +16,7 @@ from .channel_ops import Edit, is_depthwise
 from .graph import Layer
 from .groups import Group
 from .index import GraphIndex
-from .rewrite.shrink import ForgetShape, SetAttr, SetEntry, SetInput, SliceInput, constant_array
+from .rewrite.shrink import ForgetShape, NewInput, SetAttr, SetEntry, SetInput, SliceInput, constant_array
 
 
 def removed_units(chosen: list[tuple[Group, list[int]]]) -> dict[str, np.ndarray]:
@@ -100,6 +100,8 @@ def _edit(index: GraphIndex, layers: list[Layer], e: Edit, removed: dict) -> lis
     if e.kind == "entry":
         arr = constant_array(node.inputs[e.input]).reshape(-1)
         return [SetEntry(pos, e.input, e.axis, int(arr[e.axis]) - len(gone))]
+    if e.kind == "literal":
+        return [NewInput(pos, e.input, np.array([e.data[0] - len(gone)], dtype=np.int64))]
     if e.kind == "depthwise":
         layer = next(l for l in layers if l.uses[0].site.node is node)
         rows = _kept(layer.shape[0], gone)

@@ -13,6 +13,7 @@ op table understands is ever shrunk.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 
 import onnx
@@ -20,7 +21,7 @@ import onnx_ir as ir
 from onnx import ModelProto
 
 from .channel_layout import relate
-from .channel_ops import Consumer, Context, Edit, Port, Producer, depthwise, out_axis
+from .channel_ops import Coarser, Consumer, Context, Edit, Port, Producer, depthwise, out_axis
 from .graph import Constants, Layer
 from .index import GraphIndex
 
@@ -34,6 +35,10 @@ class Group:
     edits: list[Edit] = field(default_factory=list)
     ports: dict[str, Port] = field(default_factory=dict)
     blocked: str | None = None  # why the group is kept whole
+    width: int = 1  # producer output units per channel: a head's size, 1 for plain channels
+    coarser: int = 1  # the block of channels an op could follow (Coarser), for a second exploration
+    # activation MatMuls it reaches (attention's): main-graph position -> (output, its channel axis's size)
+    products: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
     def block(self, why: str) -> None:
         if self.blocked is None:
@@ -49,14 +54,50 @@ def static_shapes(model: ModelProto) -> dict[str, tuple]:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # shapes are a help here: a model inference rejects keeps what it declares
         inferred = light
+    out = _shapes_of(inferred)
+    if any(not all(isinstance(d, int) for d in shape[1:]) for shape in out.values()):
+        _refine(out, light)
+    return out
+
+
+def _shapes_of(model: ModelProto) -> dict[str, tuple]:
     out = {}
-    g = inferred.graph
+    g = model.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                  for d in t.shape.dim)
     return out
+
+
+def _refine(out: dict, light: ModelProto) -> None:
+    """Sizes onnx inference leaves open where exporters compute shapes at run time (a head size
+    as the hidden size over the head count): onnxruntime's symbolic inference evaluates them."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    bare = ModelProto()
+    bare.CopyFrom(light)  # the tensors without data become inputs: it would read their values
+    kept = [t for t in bare.graph.initializer if t.dims and not _has_data(t)]
+    for t in kept:
+        bare.graph.initializer.remove(t)
+        bare.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sym = _shapes_of(SymbolicShapeInference.infer_shapes(bare, auto_merge=True))
+    except Exception:  # a help only: what onnx inferred stands
+        return
+    for name, shape in sym.items():
+        mine = out.get(name)
+        if mine is None or len(mine) != len(shape):
+            continue
+        out[name] = tuple(b if isinstance(b, int) and not isinstance(a, int) else a for a, b in zip(mine, shape))
+
+
+def _has_data(t: onnx.TensorProto) -> bool:
+    return bool(t.raw_data or t.float_data or t.int32_data or t.int64_data or t.double_data or t.uint64_data
+                or t.string_data or t.external_data)
 
 
 def _without_data(model: ModelProto) -> ModelProto:
@@ -105,16 +146,28 @@ def find_groups(index: GraphIndex, constants: Constants, layers: list[Layer],
         if out.name in taken or depthwise(ctx, site.node):
             continue
         channels = layer.adapter.channels(site.proto, layer.shape)[1]
-        g = Group(layer.name, channels)
         if site.scope:
+            g = Group(layer.name, channels)
             g.producers.append(Producer(layer, Port(out.name, 1, hi=channels)))
             g.block(f"{layer.name} is inside a subgraph")
         else:
-            _explore(ctx, g, out, Port(out.name, out_axis(ctx, layer), hi=channels))
+            g = _grouped(ctx, layer.name, out, out_axis(ctx, layer), channels)
         taken |= {name for name, p in g.ports.items() if p.span() == (0, channels)}
         groups.append(g)
     _check_axes(groups)
     return groups
+
+
+def _grouped(ctx: Context, label: str, out: ir.Value, axis: int, units: int) -> Group:
+    """The group of a layer's output channels; if an op can follow them only in blocks (a
+    Reshape into heads), the group of those blocks instead."""
+    width = 1
+    while True:
+        g = Group(label, units // width, width=width)
+        _explore(ctx, g, out, Port(out.name, axis, block=width, hi=units // width))
+        if not g.blocked or g.coarser == 1 or units % (width * g.coarser) or width * g.coarser >= units:
+            return g
+        width *= g.coarser
 
 
 def _explore(ctx: Context, g: Group, start: ir.Value, port: Port) -> None:
@@ -151,17 +204,27 @@ def _explore(ctx: Context, g: Group, start: ir.Value, port: Port) -> None:
                 g.block(f"'{v.name}' is read inside a subgraph ({node.op_type})")
                 continue
             rel = relate(ctx, node, v, port, g.channels)
+            if isinstance(rel, Coarser):
+                g.coarser = math.lcm(g.coarser, rel.factor)
+                rel = rel.why
             if isinstance(rel, str):
                 g.block(f"{node.op_type} '{ctx.index.site(node).label}': {rel}")
                 continue
+            if node.op_type == "MatMul" and node not in ctx.layer_of:
+                y = node.outputs[0]
+                axis = next(p.axis for x, p in rel.ports if x is y)
+                g.products[ctx.index.site(node).path[-1]] = (y.name, ctx.size(y, axis))
             queue.extend(rel.ports)
             g.edits.extend(e for e in rel.edits if e not in g.edits)
             if rel.producer is not None:
                 producers[id(rel.producer.layer)] = rel.producer
             if rel.consumer is not None:
                 consumers[id(rel.consumer.layer)] = rel.consumer
-    g.producers += [p for p in producers.values() if p not in g.producers]
-    g.consumers = list(consumers.values())
+    def order(x):
+        return x.layer.uses[0].site.path
+
+    g.producers += sorted((p for p in producers.values() if p not in g.producers), key=order)
+    g.consumers = sorted(consumers.values(), key=order)
     if not g.consumers and g.blocked is None:
         g.block("the channels reach no layer")
 

@@ -150,12 +150,15 @@ def format_groups(report: Report) -> str:
     lines = [head, "-" * len(head)]
     for g in (g for g in report.groups if g.kept is not None):
         flops = f"{g.flops_before / 1e6:.2f} -> {(g.flops_after or 0) / 1e6:.2f}"
-        lines.append(f"{g.label[:28]:<28} {f'{g.channels} -> {g.kept}':>12} {len(g.consumers):>9} {flops:>15} "
+        width = f"x{g.width}" if g.width > 1 else ""
+        lines.append(f"{g.label[:28]:<28} {f'{g.channels}{width} -> {g.kept}{width}':>12} {len(g.consumers):>9} "
+                     f"{flops:>15} "
                      f"{_num(g.predicted_error):>9} {_num(g.measured_error):>9} {_num(g.holdout_error):>9}")
     kept = [g for g in report.groups if g.kept is None]
     if kept:
         lines.append("kept whole:")
-        lines += [f"  {g.label} ({g.channels} channels): {g.blocked}" for g in kept]
+        lines += [f"  {g.label} ({g.channels} channels{f' of {g.width}' if g.width > 1 else ''}): {g.blocked}"
+                  for g in kept]
     s = report.summary or {}
     if s:
         lines.append(f"parameters {s['params_before']:,} -> {s['params_after']:,}, "

@@ -11,6 +11,7 @@ zero there): the two must agree to float rounding on the held-out samples, or no
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -49,6 +50,7 @@ class GroupRecord:
     producers: list[str]
     consumers: list[str]
     channels: int
+    width: int = 1  # producer output units per channel (a head's size; 1 for plain channels)
     kept: int | None = None
     removed: list[int] = field(default_factory=list)
     flops_before: int = 0  # of the layers the group touches (producers, consumers, depthwise), batch 1
@@ -98,7 +100,7 @@ def _groups(loaded):
 
 def _record(g: Group) -> GroupRecord:
     return GroupRecord(g.label, [p.layer.name for p in g.producers], [c.layer.name for c in g.consumers],
-                       g.channels, blocked=g.blocked)
+                       g.channels, g.width, blocked=g.blocked)
 
 
 def check_config(config) -> None:
@@ -157,7 +159,8 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     timings["verify"] = time.perf_counter() - t
     records = [a.record for a in active] + [_record(g) for g in groups if g.blocked or not _is_active(g, active)]
     _costs(records, groups, loaded.model, shrunk, dense_flops)
-    summary = _summary(loaded.model, shrunk, dense_flops, result.held_feeds[:1], config)
+    latency_feed = _batch(result.held_feeds, config.batch_size, loaded.model)
+    summary = _summary(loaded.model, shrunk, dense_flops, latency_feed, config)
     timings["total"] = sum(timings.values())
     return Outcome(shrunk, records, summary, fidelity, result.samples, timings)
 
@@ -186,7 +189,8 @@ def _plan(groups: list[Group], config) -> list[_Active]:
         if excluded:
             g.block(f"excluded by '{excluded}'")
             continue
-        keep = max(1, config.round_to) if allocated else kept_count(g.channels, config.sparsity, config.round_to)
+        multiple = _multiple(g, config.round_to)
+        keep = multiple if allocated else kept_count(g.channels, config.sparsity, multiple)
         if keep >= g.channels:
             g.block("nothing to remove at this sparsity" if not allocated else "too few channels to remove any")
             continue
@@ -196,9 +200,15 @@ def _plan(groups: list[Group], config) -> list[_Active]:
     return active
 
 
+def _multiple(g: Group, round_to: int) -> int:
+    """The multiple of channels that keeps the producers' kept units a multiple of round_to."""
+    return round_to // math.gcd(round_to, g.width)
+
+
 def _touched(g: Group) -> set[int]:
-    """Main-graph positions of the nodes whose weights a group changes."""
-    nodes = {p.layer.uses[0].site.path[-1] for p in g.producers}
+    """Main-graph positions of the nodes whose FLOPs a group changes: its layers, depthwise
+    Convs and activation products (attention's MatMuls)."""
+    nodes = {p.layer.uses[0].site.path[-1] for p in g.producers} | set(g.products)
     nodes |= {c.layer.uses[0].site.path[-1] for c in g.consumers}
     return nodes | {e.node[-1] for e in g.edits if e.kind == "depthwise"}
 
@@ -223,7 +233,8 @@ def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers) 
         goal = config.flops * dense.total
         target = dense.total - goal
         for _ in range(20):
-            counts = [_rounded(a, n, config.round_to) for a, n in zip(active, allocate_channels(costs, savings, target))]
+            counts = [_rounded(a, n, config.round_to)
+                      for a, n in zip(active, allocate_channels(costs, savings, target))]
             left = _flops_left(layers, active, orders, counts, dense)
             if left <= goal or all(n == len(c) for n, c in zip(counts, costs)):
                 break
@@ -242,7 +253,7 @@ def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers) 
 
 def _rounded(a: _Active, n: int, multiple: int) -> int:
     c = a.group.channels
-    return c - kept_count(c, n / c, multiple) if n else 0
+    return c - kept_count(c, n / c, _multiple(a.group, multiple)) if n else 0
 
 
 def _flops_left(layers, active, orders, counts, dense: Flops) -> float:
@@ -258,6 +269,10 @@ def _flops_left(layers, active, orders, counts, dense: Flops) -> float:
         kept_out = 1 - len(removed.get(site.node.outputs[0].name, ())) / n_out
         kept_in = 1.0 if is_depthwise(layer) else 1 - len(removed.get(site.node.inputs[0].name, ())) / n_in
         total -= dense.per_node.get(site.path[-1], 0) * (1 - kept_in * kept_out)
+    products = {pos: out for a in active for pos, out in a.group.products.items()}
+    for pos, (name, size) in products.items():  # attention's MatMuls scale with their output
+        if size and name in removed:
+            total -= dense.per_node.get(pos, 0) * len(removed[name]) / size
     return total
 
 
@@ -328,8 +343,9 @@ def _solve_group(a: _Active, collectors: dict, views: dict, method: str) -> None
 def _rows(p, channels: int) -> np.ndarray:
     """[channels, cols]: a producer's matrix rows of each group channel (zero where it makes none)."""
     m = p.layer.adapter.to_matrices(p.layer.uses[0].node, p.layer.read().astype(np.float64))[0]
-    out = np.zeros((channels, m.shape[1]))
-    out[p.port.lo:p.port.hi] = m[p.port.offset:p.port.offset + p.port.hi - p.port.lo]  # producers: block 1
+    out = np.zeros((channels, p.port.block * m.shape[1]))
+    for c in range(p.port.lo, p.port.hi):
+        out[c] = m[p.port.units([c])].ravel()
     return out
 
 
@@ -430,6 +446,17 @@ def _costs(records, groups, before, after, dense: Flops) -> None:
         if r.kept is not None:
             r.flops_after = sum(shrunk.per_node.get(n, 0) for n in nodes)
             r.params_after = sum(p_after.get(n, 0) for n in nodes)
+
+
+def _batch(feeds: list[dict], n: int, model: onnx.ModelProto) -> list[dict]:
+    """One feed of n samples (the calibration batch) from the held-out ones, repeated as needed."""
+    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    if not feeds or any(np.ndim(v) == 0 or k not in dims or not dims[k] or dims[k][0].HasField("dim_value")
+                        for k, v in feeds[0].items()):
+        return feeds[:1]  # no dynamic batch axis: the held-out feed as it is
+    joined = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    reps = -(-n // len(next(iter(joined.values()))))
+    return [{k: np.concatenate([v] * reps)[:n] for k, v in joined.items()}]
 
 
 def _summary(before, after, dense: Flops, feeds, config) -> dict:

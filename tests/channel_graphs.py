@@ -124,6 +124,36 @@ class Graph:
                               self.const([1], np.int64)])
         self.x = self.op("Concat", [self.op("Relu", [a]), self.conv(b, c - half, c - half, 3)], axis=1)
 
+    def attention(self, heads=2, scaled_q=False, mask=False):
+        """A transformer block on the feature map's positions (MobileViT-style): the tokens
+        [N, HW, C] through multi-head attention as exporters write it, back to NCHW, residual."""
+        c, d = self.c, self.c // heads
+        t = self.op("Transpose", [self.op("Reshape", [self.x, self.const([0, c, -1], np.int64)])], perm=[0, 2, 1])
+
+        def proj(x, cin, cout):
+            w = self.rng.standard_normal((cin, cout)) / np.sqrt(cin)
+            return self.op("Add", [self.op("MatMul", [x, self.const(w)]), self.const(0.1 * self.rng.standard_normal(cout))])
+
+        def split_heads(x, perm):
+            return self.op("Transpose", [self.op("Reshape", [x, self.const([0, 0, heads, d], np.int64)])], perm=perm)
+
+        q = proj(t, c, c)
+        if scaled_q:
+            q = self.op("Mul", [q, self.const(1 / np.sqrt(d))])
+        q, k, v = split_heads(q, [0, 2, 1, 3]), split_heads(proj(t, c, c), [0, 2, 3, 1]), \
+            split_heads(proj(t, c, c), [0, 2, 1, 3])
+        s = self.op("MatMul", [q, k])
+        s = s if scaled_q else self.op("Div", [s, self.const(np.sqrt(d))])
+        if mask:
+            s = self.op("Add", [s, self.const(np.where(self.rng.random((1, 1, 1, SPATIAL ** 2)) < .2, -1e4, 0.0))])
+        ctx = self.op("MatMul", [self.op("Softmax", [s], axis=-1), v])
+        ctx = self.op("Reshape", [self.op("Transpose", [ctx], perm=[0, 2, 1, 3]), self.const([0, 0, c], np.int64)])
+        o = self.op("Transpose", [proj(ctx, c, c)], perm=[0, 2, 1])
+        self.x = self.op("Add", [self.x, self.op("Reshape", [o, self.const([0, c, SPATIAL, SPATIAL], np.int64)])])
+
+    def attention_masked(self):
+        self.attention(scaled_q=True, mask=True)
+
     def lrn(self):
         """Blocked: local response normalisation mixes neighbouring channels."""
         self.x = self.op("LRN", [self.x], size=3)
@@ -171,7 +201,7 @@ class Graph:
 
 
 BLOCKS = ("conv_bn_act", "residual", "inverted", "squeeze_excite", "nhwc", "scale", "pool", "concat", "c2f",
-          "slices")
+          "slices", "attention", "attention_masked")
 BLOCKING = ("lrn", "channel_softmax", "tap")
 HEADS = ("gap_head", "flatten_head", "reshape_head")
 ACTS = ("relu", "prelu", "clip", "gelu", "hardswish")
@@ -208,6 +238,58 @@ def mlp(seed=0, sizes=(10, 16, 12, 4)) -> onnx.ModelProto:  # layers: matmul1, 4
     graph = helper.make_graph(g.nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
                               [out], g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def encoder(seed=0, layers=2, hidden=16, heads=4, ffn=32, seq=6, norm="post", shapes="constant") -> onnx.ModelProto:
+    """A BERT/MiniLM-shaped encoder on embeddings x [N, seq, hidden]: blocks of multi-head
+    attention (q/k/v, Reshape into heads, Transpose, MatMul, Softmax, MatMul, output projection)
+    and an FFN with the exporters' decomposed Gelu, LayerNorm after (post) or before (pre) each.
+    shapes "computed": the Reshape targets built at run time as torch's legacy exporter writes
+    them, [batch, seq, heads, hidden // heads] and [batch, seq, hidden] from Shape(x)."""
+    g = Graph.__new__(Graph)
+    g.rng, g.nodes, g.inits, g.k, g.opset, g.extra_outputs, g.layers = np.random.default_rng(seed), [], [], 0, 17, [], []
+
+    def linear(x, a, b):
+        w = g.rng.standard_normal((a, b)) / np.sqrt(a)
+        return g.op("Add", [g.op("MatMul", [x, g.const(w)]), g.const(0.02 * g.rng.standard_normal(b))])
+
+    def ln(x):
+        return g.op("LayerNormalization", [x, g.const(np.ones(hidden)), g.const(np.zeros(hidden))], axis=-1)
+
+    def size(x, axis):  # Shape(x)[axis] as a 1-element tensor
+        picked = g.op("Gather", [g.op("Shape", [x]), g.const(axis, np.int64)], axis=0)
+        return picked, g.op("Unsqueeze", [picked, g.const([0], np.int64)])
+
+    def targets(x):
+        if shapes == "constant":
+            return g.const([0, 0, heads, d], np.int64), g.const([0, 0, hidden], np.int64)
+        (_, b), (_, s), (c, c1) = size(x, 0), size(x, 1), size(x, 2)
+        dh = g.op("Unsqueeze", [g.op("Div", [c, g.const(heads, np.int64)]), g.const([0], np.int64)])
+        split = g.op("Concat", [b, s, g.const([heads], np.int64), dh], axis=0)
+        return split, g.op("Concat", [b, s, c1], axis=0)
+
+    d = hidden // heads
+
+    def attention(x):
+        split, merge = targets(x)
+        q, k, v = (g.op("Transpose", [g.op("Reshape", [linear(x, hidden, hidden), split])], perm=p)
+                   for p in ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]))
+        att = g.op("Softmax", [g.op("Div", [g.op("MatMul", [q, k]), g.const(np.sqrt(d))])], axis=-1)
+        ctx = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3]), merge])
+        return linear(ctx, hidden, hidden)
+
+    def ffn_(x):
+        h = linear(x, hidden, ffn)
+        return linear(g.act(h, "gelu"), ffn, hidden)
+
+    x = "x"
+    for _ in range(layers):
+        for block in (attention, ffn_):
+            x = ln(g.op("Add", [x, block(x)])) if norm == "post" else g.op("Add", [x, block(ln(x))])
+    graph = helper.make_graph(g.nodes, "encoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", seq, hidden])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", seq, hidden])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def feed(model: onnx.ModelProto, n: int, seed: int = 0) -> dict:

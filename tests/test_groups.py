@@ -97,3 +97,63 @@ def test_mlp_hidden_neurons():
     g = _groups(cg.mlp())
     assert [_shape(x)[:2] for x in g[:2]] == [(["matmul2"], [("matmul7", 1)]), (["matmul7"], [("matmul12", 1)])]
     assert "graph output" in g[2].blocked
+
+
+def test_attention_heads_are_one_group_of_q_k_v_and_the_output_projection():
+    model, (stem, q, k, v, _, _, o, fc, _) = cg.built(["attention"])  # _: the activation products
+    groups = {g.label: g for g in _groups(model)}
+    heads = groups[q]
+    assert (heads.channels, heads.width) == (2, 4)  # 2 heads of 4 units each
+    assert _shape(heads) == ([q, k, v], [(o, 4)], None)
+    # the head count of each Reshape into heads, and the merged width, follow the removed heads
+    assert sorted(e.kind for e in heads.edits if e.kind == "entry") == ["entry"] * 4
+    # the residual stream reaches q, k and v through a Reshape to tokens and a Transpose, and
+    # the output projection writes it back
+    assert _shape(groups[stem])[:2] == ([stem, o], [(q, 1), (k, 1), (v, 1), (fc, 1)])
+
+
+def _fused_qkv(runtime_shape=False):
+    """q, k and v from one MatMul and a Split, or the heads Reshape's shape computed at run time."""
+    g = cg.Graph(channels=8)
+    c, heads, d = 8, 2, 4
+    t = g.op("Transpose", [g.op("Reshape", [g.x, g.const([0, c, -1], "int64")])], perm=[0, 2, 1])
+    if runtime_shape:
+        parts = [g.op("MatMul", [t, g.const(g.rng.standard_normal((c, c)))]) for _ in range(3)]
+        lead = g.op("Slice", [g.op("Shape", [t]), g.const([0], "int64"), g.const([2], "int64")])
+        shape = g.op("Concat", [lead, g.const([heads, d], "int64")], axis=0)
+    else:
+        qkv = g.op("MatMul", [t, g.const(g.rng.standard_normal((c, 3 * c)))])
+        n = g.name("split")
+        g.nodes.append(cg.helper.make_node("Split", [qkv, g.const([c] * 3, "int64")], [n + "q", n + "k", n + "v"],
+                                           name=n, axis=2))
+        parts, shape = [n + "q", n + "k", n + "v"], g.const([0, 0, heads, d], "int64")
+    q, k, v = (g.op("Transpose", [g.op("Reshape", [x, shape])], perm=p)
+               for x, p in zip(parts, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])))
+    ctx = g.op("MatMul", [g.op("Softmax", [g.op("MatMul", [q, k])], axis=-1), v])
+    ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, c], "int64")])
+    o = g.op("Transpose", [g.op("MatMul", [ctx, g.const(g.rng.standard_normal((c, c)))])], perm=[0, 2, 1])
+    g.x = g.op("Reshape", [o, g.const([0, c, cg.SPATIAL, cg.SPATIAL], "int64")])
+    return g.gap_head(), g.layers
+
+
+@pytest.mark.parametrize("runtime_shape,why", [
+    (False, "carries the channels in two layouts"),  # head h of q is channel h, of k channel 2 + h
+    (True, "its shapes are not known"),  # the Reshape into heads: data propagation cannot tell
+])
+def test_attention_that_cannot_be_followed_is_kept_whole(runtime_shape, why):
+    model, layers = _fused_qkv(runtime_shape)
+    groups = {g.label: g for g in _groups(model)}
+    heads = groups[layers[1]]
+    assert heads.blocked and why in heads.blocked
+
+
+@pytest.mark.parametrize("axis,blocked", [(0, False), (1, True), (-3, True)])
+def test_a_shape_read_blocks_only_when_it_reads_the_channel_count(axis, blocked):
+    g = cg.Graph()
+    stem = g.layers[0]
+    g.op("Gather", [g.op("Shape", [g.x]), g.const(axis, "int64")], axis=0)  # a batch size is harmless,
+    # a channel count is not (what reads it is left out: the rule looks at the Shape's readers only)
+    g.x = g.op("Relu", [g.x])
+    model = g.gap_head()
+    why = {x.label: x for x in _groups(model)}[stem].blocked
+    assert (why is not None and "channel count is read at run time" in why) == blocked, why

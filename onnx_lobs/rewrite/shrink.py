@@ -52,11 +52,20 @@ class SetAttr:
 
 
 @dataclass(frozen=True)
+class NewInput:
+    """A computed input replaced by a constant of this node's own (a run-time shape piece)."""
+
+    node: int
+    input: int
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
 class ForgetShape:
     value: str
 
 
-Edit = SetInput | SliceInput | SetEntry | SetAttr | ForgetShape
+Edit = SetInput | SliceInput | SetEntry | SetAttr | NewInput | ForgetShape
 
 
 def _chain(value: ir.Value) -> list[ir.Value]:
@@ -99,6 +108,10 @@ class ShrinkChannels:
             node = nodes[e.node]
             if isinstance(e, SetAttr):
                 continue
+            if isinstance(e, NewInput):
+                if e.input >= len(node.inputs):
+                    return f"{node.op_type} '{node.name}' has no input {e.input}"
+                continue
             if e.input >= len(node.inputs) or node.inputs[e.input] is None:
                 return f"{node.op_type} '{node.name}' has no input {e.input}"
             if constant_array(node.inputs[e.input]) is None:
@@ -113,6 +126,8 @@ class ShrinkChannels:
         for e in target:
             if isinstance(e, ForgetShape):
                 names[e.value].shape = None
+            elif isinstance(e, NewInput):
+                _own(model, nodes[e.node], e.input, e.array, nodes[e.node].inputs[e.input].dtype)
             elif isinstance(e, SetAttr):
                 nodes[e.node].attributes[e.name] = (ir.AttrInt64s(e.name, [int(v) for v in e.value])
                                                     if isinstance(e.value, list) else ir.AttrInt64(e.name, int(e.value)))
@@ -145,14 +160,20 @@ def _write(model: ir.Model, node: ir.Node, k: int, array: np.ndarray) -> None:
             v.shape = ir.Shape(np.shape(array))
         return
     # Another node reads this constant: give this node its own, in the type the node computes in.
-    computed = chain[0].dtype
+    _own(model, node, k, array, chain[0].dtype, f"{source.name}__kept", ir.DataType(tensor.dtype))
+
+
+def _own(model: ir.Model, node: ir.Node, k: int, array: np.ndarray, computed, base: str = "",
+         fallback=None) -> None:  # computed: the dtype the node reads, or None
+    """Input k of node becomes a new initializer of its own holding array."""
+    base = base or f"{node.name or node.op_type}__input{k}"
     dtype = onnx.helper.tensor_dtype_to_np_dtype(computed.value) if computed is not None else array.dtype
-    own = ir.Value(name=_fresh(model, f"{source.name}__kept"),
+    own = ir.Value(name=_fresh(model, base),
                    const_value=ir.serde.deserialize_tensor(numpy_helper.from_array(
                        np.asarray(array).astype(dtype), "")))
     own.const_value.name = own.name
     own.shape = ir.Shape(array.shape)
-    own.type = ir.TensorType(computed if computed is not None else ir.DataType(tensor.dtype))
+    own.type = ir.TensorType(computed if computed is not None else fallback or ir.DataType.INT64)
     model.graph.register_initializer(own)
     node.replace_input_with(k, own)
 

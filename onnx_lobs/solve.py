@@ -31,7 +31,7 @@ DAMP_ROWS = 96
 W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's unconstrained optimum
 
 
-class _Objective:
+class Objective:
     """One group's layer-wise error of any W', against the dense W.
 
     Sequential mode: (1/2n) sum ||W' x_p - W x_d||^2 = 1/2 (<W' H_p, W'> - 2 <W C, W'> + <W H_d, W>),
@@ -60,7 +60,7 @@ class Problem:
     old_b: np.ndarray | None  # [groups, rows] dense bias, or None
     hessians: tuple  # (H_p, C, H_d) per group; (H, H, H) in independent mode
     joint: bool
-    objectives: list = field(default_factory=list)  # _Objective per group
+    objectives: list = field(default_factory=list)  # Objective per group
 
     def augmented(self, m, b, k):
         return m[k] if b is None else np.c_[m[k], b[k]]
@@ -95,7 +95,7 @@ def prepare(c: Collector) -> Problem:
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
     p = Problem(old, old_b, (hp, cross, hd), c.joint)
-    p.objectives = [_Objective(p.augmented(old, old_b, k), hp[k], cross[k], hd[k], c.joint) for k in range(g)]
+    p.objectives = [Objective(p.augmented(old, old_b, k), hp[k], cross[k], hd[k], c.joint) for k in range(g)]
     return p
 
 
@@ -173,7 +173,7 @@ def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecor
         err += p.objectives[k].error(b)
         energy += p.objectives[k].energy
         if held is not None:
-            e = (_Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if p.joint
+            e = (Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if p.joint
                  else layer_error(a, b, held[0][k]))
             hold_err += e
             dense_hold_err += layer_error(a, b, held[2][k]) if p.joint else e

@@ -6,6 +6,8 @@ is rewritten (rewrite/shrink.py). Before anything is returned, the shrunk model 
 (onnx checker, strict shape inference) and run beside its dense-shaped equivalent, the original
 model with only the consumers' compensated weights written (the removed channels' columns are
 zero there): the two must agree to float rounding on the held-out samples, or nothing is written.
+With --sequential the groups are solved stage by stage, each stage calibrated on the model as
+pruned so far against the dense model's outputs.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from .cuts import dense_edits, removed_units, shrink_edits
 from .channel_ops import is_depthwise
 from .flops import Flops, count, params_per_node
 from .groups import Group, find_groups, static_shapes
-from .hessian import damped_inverse, layer_error, output_energy
+from .hessian import damped_inverse, damped_solve, layer_error, output_energy
 from .index import GraphIndex, read_ir
 from .modelio import PROTOBUF_LIMIT, iter_graphs
 from .rewrite.shrink import ShrinkChannels
 from .runtime import make_session, output_names, run
+from .solve import Objective
+from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
                                rank_without_compensation, wanda_scores)
 
@@ -107,7 +111,6 @@ def check_config(config) -> None:
     if config.method not in STRUCTURED_METHODS:
         raise LobsError(f"--structured works with --method {', '.join(STRUCTURED_METHODS)}, not {config.method}")
     for flag, set_ in (("--pattern", config.pattern is not None), ("--max-error", config.max_error is not None),
-                       ("--sequential", config.sequential),
                        ("--layer-sparsity", bool(config.layer_sparsity))):
         if set_:
             raise LobsError(f"{flag} cannot be combined with --structured yet")
@@ -129,26 +132,25 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     if not active:
         raise LobsError(f"{loaded.path or 'model'}: no channel group can be pruned "
                         f"({_why_none(groups)}); `onnx-lobs inspect --structured` lists them")
-    consumers = {id(c.layer): c.layer for a in active for c in a.group.consumers}
-    collectors = {k: Collector(layer, False) for k, layer in consumers.items()}
     source = open_source(calibration, loaded.model, seed=config.seed, samples=config.samples)
-    t = time.perf_counter()
-    session = Session(loaded.model, list(collectors.values()), loaded.path)
-    timings["prepare"] = time.perf_counter() - t
-    result = collect(session, None, list(collectors.values()), source,
-                     Reading(config.batch_size, config.samples, config.progress), timings, keep_held=True,
-                     label="calibrating (structured)")
-    if result.samples["calibration"] == 0:
-        raise LobsError(f"{source.origin}: no calibration samples")
-    t = time.perf_counter()
     damp = config.damp if config.damp is not None else DEFAULT_DAMP
-    views = {k: _view(c, damp) for k, c in collectors.items()}  # one damped inverse per consumer
-    if config.global_sparsity is not None or config.flops is not None:
+    allocated = config.global_sparsity is not None or config.flops is not None
+    result, collectors, views = None, {}, {}
+    if allocated or not config.sequential:
+        result, collectors, views = _calibrated(loaded, loaded.model, _consumers(active), None, source, config,
+                                                timings, damp, "calibrating (structured)")
+    t = time.perf_counter()
+    if allocated:
         active = _allocate(active, views, config, dense_flops, layers)
-    for a in active:
-        _solve_group(a, collectors, views, config.method)
+    if config.sequential:
+        result = _sequential(loaded, layers, active, source, config, timings, damp, result) or result
+        collectors, views = result.collectors, result.views
+        result = result.passed
+    else:
+        for a in active:
+            _solve_group(a, collectors, views, config.method)
     weights = {k: _to_layer(collectors[k].layer, v.w) for k, v in views.items()}  # dense-shaped
-    timings["solve"] = time.perf_counter() - t
+    timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     reference = _rewrite(loaded.model, dense_edits(layers, weights))
     shrunk = _cut(loaded, index, layers, active, weights)
@@ -163,6 +165,78 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     summary = _summary(loaded.model, shrunk, dense_flops, latency_feed, config)
     timings["total"] = sum(timings.values())
     return Outcome(shrunk, records, summary, fidelity, result.samples, timings)
+
+
+def _consumers(active: list[_Active]) -> dict[int, Layer]:
+    return {id(c.layer): c.layer for a in active for c in a.group.consumers}
+
+
+def _calibrated(loaded, pruned, layers: dict, held, source, config, timings, damp, label):
+    """One pass over the calibration data for the given consumers: (pass result, collectors,
+    views). pruned: the model as pruned so far (sequential mode: joint with the dense model)."""
+    joint = pruned is not loaded.model
+    collectors = {k: Collector(layer, joint) for k, layer in layers.items()}
+    t = time.perf_counter()
+    dense = Session(loaded.model, list(collectors.values()), loaded.path)
+    after = Session(pruned, list(collectors.values()), loaded.path) if joint else None
+    timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - t
+    result = collect(dense, after, list(collectors.values()), source,
+                     Reading(config.batch_size, config.samples, config.progress), timings, keep_held=held is None,
+                     label=label)
+    if result.samples["calibration"] == 0:
+        raise LobsError(f"{source.origin}: no calibration samples")
+    t = time.perf_counter()
+    views = {k: _view(c, damp) for k, c in collectors.items()}  # one damped inverse per consumer
+    timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+    return result, collectors, views
+
+
+@dataclass
+class _Sequential:
+    passed: object
+    collectors: dict
+    views: dict
+
+
+def _sequential(loaded, layers, active, source, config, timings, damp, held) -> _Sequential:
+    """Groups in the order of their first consumer, stage by stage: each stage's consumers are
+    calibrated on the model as pruned so far (its dense-shaped equivalent) against the dense
+    model's inputs, so every consumer's target stays the dense output. A consumer shared with
+    an earlier stage keeps its view."""
+    collectors, views = {}, {}
+    working = loaded.model
+    stages = _stages(loaded.model, active)
+    for k, stage in enumerate(stages):
+        new = {i: layer for i, layer in _consumers(stage).items() if i not in views}
+        if new:
+            passed, cs, vs = _calibrated(loaded, working if k else _copy(loaded.model), new, held, source, config,
+                                         timings, damp, f"stage {k + 1}/{len(stages)} (structured)")
+            held = held or passed
+            collectors.update(cs)
+            views.update(vs)
+        t = time.perf_counter()
+        for a in stage:
+            _solve_group(a, collectors, views, config.method)
+        weights = {i: _to_layer(collectors[i].layer, v.w) for i, v in views.items()}
+        working = _rewrite(loaded.model, dense_edits(layers, weights))
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+    return _Sequential(held, collectors, views)
+
+
+def _stages(model: onnx.ModelProto, active: list[_Active]) -> list[list[_Active]]:
+    """Active groups by the stage (topology.layer_stages) of their earliest consumer."""
+    consumers = list(_consumers(active).values())
+    stage_of = {id(layer): k for k, stage in enumerate(layer_stages(model, consumers)) for layer in stage}
+    by: dict[int, list] = {}
+    for a in active:
+        by.setdefault(min(stage_of[id(c.layer)] for c in a.group.consumers), []).append(a)
+    return [by[k] for k in sorted(by)]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _is_active(g: Group, active) -> bool:
@@ -295,23 +369,41 @@ def _view(c: Collector, damp: float) -> View:
     m = layer.adapter.to_matrices(node, layer.read().astype(np.float64))[0]
     bias = layer.read_bias()
     w = m if bias is None else np.c_[m, layer.adapter.bias_vector(node, bias, m.shape[0])[0]]
-    h = c.calib.hessian()[0]
-    inv = damped_inverse(h, damp)
+    hp, cross, hd = (x[0] for x in c.hessians(c.calib))
+    inv = damped_inverse(hp, damp)
     hinv = inv.hinv
     if inv.dead.any():  # an input that never moved costs nothing to remove, and moves nothing else
         hinv[inv.dead, inv.dead] = 1e6 * float(np.mean(np.diagonal(hinv)))
-    return View(w, hinv, h)
+    if not c.joint:
+        return View(w, hinv, hp)
+    # sequential: start from the optimum on the pruned inputs, W0 = W C H_p^-1 (solve.py), with
+    # the dampening the removals use (then they stay exact for that objective), and remove around
+    # it; errors and energies stay the dense target's
+    objective = Objective(w, hp, cross, hd, True)
+    w0 = damped_solve(hp, inv.damp, (w @ cross).T).T
+    view = View(w0 if objective.error(w0) < objective.error(w) else w.copy(), hinv, hp)
+    view.w0, view.energy = w, 0.5 * float(np.sum((w @ hd) * w)) or 1.0
+    return view
 
 
 def _errors(views: list[View], olds: list[np.ndarray], collectors: list[Collector]) -> tuple[float, float | None]:
     """Sum over the views of their relative layer-wise error now, on calibration and held-out data."""
     calib, hold = 0.0, 0.0
     for v, old, c in zip(views, olds, collectors):
-        calib += layer_error(old, v.w, v.h) / (output_energy(old, v.h) or 1.0)
+        calib += _error(c, c.calib, old, v.w)
         if c.hold.n:
-            hh = c.hold.hessian()[0]
-            hold += layer_error(old, v.w, hh) / (output_energy(old, hh) or 1.0)
+            hold += _error(c, c.hold, old, v.w)
     return calib, hold if all(c.hold.n for c in collectors) else None
+
+
+def _error(c: Collector, acc, old: np.ndarray, w: np.ndarray) -> float:
+    """The relative layer-wise error of w against the dense output (sequential: from the
+    pruned model's inputs)."""
+    hp, cross, hd = (x[0] for x in c.hessians(acc))
+    energy = output_energy(old, hd) or 1.0
+    if not c.joint:
+        return layer_error(old, w, hp) / energy
+    return Objective(old, hp, cross, hd, True).error(w) / energy
 
 
 def _choose(a: _Active, views: dict, method: str, n_remove: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lobs.solve import _Objective
+from onnx_lobs.solve import Objective
 
 
 @pytest.mark.parametrize("joint", [False, True])
@@ -16,7 +16,7 @@ def test_objective_equals_the_mean_squared_output_change(joint):
     xp = xd + 0.3 * rng.standard_normal((n, cols)) if joint else xd
     w = rng.standard_normal((rows, cols))
     hp, c, hd = (a.T @ b / n for a, b in ((xp, xp), (xd, xp), (xd, xd)))
-    obj = _Objective(w, hp, c, hd, joint)
+    obj = Objective(w, hp, c, hd, joint)
     assert obj.energy == pytest.approx(0.5 * np.mean(np.sum((xd @ w.T) ** 2, axis=1)), rel=1e-12)
     for w_new in (w, w * (rng.random(w.shape) > 0.5), rng.standard_normal((rows, cols))):
         direct = 0.5 * np.mean(np.sum((xp @ w_new.T - xd @ w.T) ** 2, axis=1))

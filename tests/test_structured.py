@@ -141,6 +141,36 @@ def test_heads_round_to_whole_heads_and_a_flops_target_counts_attention():
     assert 0.55 * s["flops_before"] < s["flops_after"] <= 0.6 * s["flops_before"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequential_fits_each_consumer_to_the_dense_output_from_the_pruned_inputs(seed):
+    """The last layer of an MLP after both hidden layers lost half their neurons: with
+    --sequential its kept weights are the least-squares fit, from the pruned model's hidden
+    activations, of the dense model's output (its Add's bias stays: a MatMul has none to move)."""
+    model = cg.mlp(seed=seed, sizes=(10, 16, 12, 4))
+    x = np.random.default_rng(3).standard_normal((400, 10)).astype(np.float32)
+    calib = x[:300].astype(np.float64)  # samples=300: the first 300 calibrate, the next 30 are held out
+
+    def forward(m):
+        w1, b1, w2, b2, w3, _ = (_arrays(m)[n.input[1]].astype(np.float64) for n in m.graph.node if len(n.input) > 1)
+        return np.maximum(np.maximum(calib @ w1 + b1, 0) @ w2 + b2, 0), w3
+
+    target = np.matmul(*forward(model))
+    fits = {}
+    for sequential in (False, True):
+        out = prune(model, {"x": x}, _config(sequential=sequential, sparsity=0.5, samples=300, damp=1e-8,
+                                             default_exclude=False)).model
+        hidden, w3 = forward(out)
+        refit = np.linalg.lstsq(hidden, target, rcond=None)[0]
+        fits[sequential] = np.linalg.norm(w3 - refit) / np.linalg.norm(refit)
+    assert fits[True] < 1e-4 < 0.05 < fits[False], fits
+
+
+def test_sequential_runs_stage_by_stage_with_every_kind_of_group():
+    model = cg.build(["conv_bn_act", "residual", "inverted", "attention", "c2f"], head="flatten_head")
+    result = _check(model, _config(sequential=True, flops=0.6, default_exclude=False))
+    assert result.report.summary["flops_after"] <= 0.6 * result.report.summary["flops_before"]
+
+
 def test_round_to_and_exclude():
     model, layers = cg.built(["residual"], channels=12)
     result = prune(model, cg.feed(model, 64), _config(sparsity=0.3, round_to=4,
@@ -150,7 +180,7 @@ def test_round_to_and_exclude():
     assert "excluded by" in by[layers[1]].blocked
 
 
-@pytest.mark.parametrize("flag", [dict(sequential=True), dict(pattern=(2, 4)), dict(layer_sparsity={"*": 0.5}),
+@pytest.mark.parametrize("flag", [dict(pattern=(2, 4)), dict(layer_sparsity={"*": 0.5}),
                                   dict(method="sparsegpt"), dict(flops=0.5, global_sparsity=0.5), dict(flops=0)])
 def test_what_structured_does_not_do_yet_is_refused(flag):
     with pytest.raises(LobsError, match="structured"):

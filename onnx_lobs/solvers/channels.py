@@ -36,7 +36,9 @@ class View:
 
     def copy(self) -> "View":
         """An independent view in the same state (a trial run leaves the original untouched)."""
-        return View(self.w.copy(), self.hinv.copy(), self.h)
+        out = View(self.w.copy(), self.hinv.copy(), self.h)
+        out.energy, out.w0 = self.energy, self.w0
+        return out
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +24,7 @@ import onnx
 from . import rewrite
 from .activations import Collector, Reading, Session, collect
 from .calibration import open_source
-from .errors import LobsError, one_line
-from .evaluate import Fidelity
+from .errors import LobsError
 from .graph import Constants, Layer, find_layers, matches
 from .allocation import allocate_channels
 from .cuts import dense_edits, removed_units, shrink_edits
@@ -35,17 +33,15 @@ from .flops import Flops, count, params_per_node
 from .groups import Group, find_groups, static_shapes
 from .hessian import damped_inverse, damped_solve, layer_error, output_energy
 from .index import GraphIndex, read_ir
-from .modelio import PROTOBUF_LIMIT, iter_graphs
 from .rewrite.shrink import ShrinkChannels
-from .runtime import make_session, output_names, run
 from .solve import Objective
+from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
                                rank_without_compensation, wanda_scores)
 
 METADATA_KEY = "onnx_lobs.structured"
 DEFAULT_DAMP = 0.01
-CHECK_RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9, np.dtype(np.float16): 2e-2}
 
 
 @dataclass
@@ -154,17 +150,17 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     t = time.perf_counter()
     reference = _rewrite(loaded.model, dense_edits(layers, weights))
     shrunk = _cut(loaded, index, layers, active, weights)
-    _check(shrunk, reference, result.held_feeds, active, lambda subset: _cut(loaded, index, layers, subset, weights),
-           loaded.path)
-    fidelity = _fidelity(shrunk, result.held_feeds, result.held_dense) if result.held_feeds else None
+    check_shrunk(shrunk, reference, result.held_feeds,
+                 [(a.group.label, lambda a=a: _cut(loaded, index, layers, [a], weights)) for a in active], loaded.path)
+    fid = fidelity(shrunk, result.held_feeds, result.held_dense) if result.held_feeds else None
     _stamp(shrunk, active)
     timings["verify"] = time.perf_counter() - t
     records = [a.record for a in active] + [_record(g) for g in groups if g.blocked or not _is_active(g, active)]
     _costs(records, groups, loaded.model, shrunk, dense_flops)
-    latency_feed = _batch(result.held_feeds, config.batch_size, loaded.model)
-    summary = _summary(loaded.model, shrunk, dense_flops, latency_feed, config)
+    feed = latency_feed(result.held_feeds, config.batch_size, loaded.model)
+    totals = summary(loaded.model, shrunk, dense_flops, feed, config)
     timings["total"] = sum(timings.values())
-    return Outcome(shrunk, records, summary, fidelity, result.samples, timings)
+    return Outcome(shrunk, records, totals, fid, result.samples, timings)
 
 
 def _consumers(active: list[_Active]) -> dict[int, Layer]:
@@ -460,69 +456,10 @@ def _rewrite(model: onnx.ModelProto, edits: list) -> onnx.ModelProto:
     return rewrite.to_proto(m, model)
 
 
-# ----------------------------------------------------------------------------- checking
-
-def _check(shrunk, reference, feeds, active, cut_only, path) -> None:
-    """The shrunk model is valid ONNX and computes what the dense-shaped equivalent computes."""
-    where = path or "model"
-    try:
-        if shrunk.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(shrunk, full_check=True)
-            onnx.shape_inference.infer_shapes(shrunk, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as e:
-        raise LobsError(f"{where}: the structurally pruned model fails the ONNX checks "
-                        f"({one_line(e, 200)}); nothing was written") from None
-    if not feeds:
-        return
-    bad = _disagreement(shrunk, reference, feeds)
-    if bad is None:
-        return
-    culprit = next((a.group.label for a in active if _disagreement(cut_only([a]), reference, feeds)),
-                   "several groups together")
-    raise LobsError(f"{where}: removing the channels of group '{culprit}' changes the outputs ({bad}); "
-                    "this is a bug in onnx-lobs, nothing was written")
-
-
-def _disagreement(model, reference, feeds) -> str | None:
-    s, r = make_session(model), make_session(reference)
-    names = output_names(reference)
-    for feed in feeds:
-        for name, x, y in zip(names, run(s, names, feed, "shrunk model"), run(r, names, feed, "reference")):
-            if x.shape != y.shape:
-                return f"output '{name}' has shape {list(x.shape)}, expected {list(y.shape)}"
-            if x.dtype.kind != "f":
-                if not np.array_equal(x, y):
-                    return f"output '{name}' differs"
-                continue
-            scale = float(np.max(np.abs(y.astype(np.float64)))) if y.size else 0.0
-            err = float(np.max(np.abs(x.astype(np.float64) - y))) if y.size else 0.0
-            if err > CHECK_RTOL.get(y.dtype, 1e-4) * max(scale, 1e-6) or not np.isfinite(err) and np.isfinite(scale):
-                return f"output '{name}' differs by {err:.3g} at scale {scale:.3g}"
-    return None
-
-
-def _fidelity(model, feeds, dense_outs) -> dict:
-    sess, names = make_session(model), output_names(model)
-    fid = Fidelity()
-    for feed, dense in zip(feeds, dense_outs):
-        fid.add(dense, run(sess, names, feed, "structurally pruned model"))
-    return fid.result()
-
-
 def _stamp(model: onnx.ModelProto, active: list[_Active]) -> None:
     value = json.dumps({a.group.label: {"channels": a.group.channels, "kept": int(len(a.keep)),
                                         "removed": [int(c) for c in a.record.removed]} for a in active})
     model.metadata_props.add(key=METADATA_KEY, value=value)
-
-
-def parameters(model: onnx.ModelProto) -> int:
-    """Elements of every float constant: initializers and Constant nodes, bodies included."""
-    total = 0
-    for g in iter_graphs(model.graph):
-        tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
-                                         if a.name == "value"]
-        total += sum(int(np.prod(t.dims)) for t in tensors if t.data_type in (1, 10, 11, 16))
-    return total
 
 
 def _costs(records, groups, before, after, dense: Flops) -> None:
@@ -538,49 +475,3 @@ def _costs(records, groups, before, after, dense: Flops) -> None:
         if r.kept is not None:
             r.flops_after = sum(shrunk.per_node.get(n, 0) for n in nodes)
             r.params_after = sum(p_after.get(n, 0) for n in nodes)
-
-
-def _batch(feeds: list[dict], n: int, model: onnx.ModelProto) -> list[dict]:
-    """One feed of n samples (the calibration batch) from the held-out ones, repeated as needed."""
-    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
-    if not feeds or any(np.ndim(v) == 0 or k not in dims or not dims[k] or dims[k][0].HasField("dim_value")
-                        for k, v in feeds[0].items()):
-        return feeds[:1]  # no dynamic batch axis: the held-out feed as it is
-    joined = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-    reps = -(-n // len(next(iter(joined.values()))))
-    return [{k: np.concatenate([v] * reps)[:n] for k, v in joined.items()}]
-
-
-def _summary(before, after, dense: Flops, feeds, config) -> dict:
-    out = {"params_before": parameters(before), "params_after": parameters(after),
-           "flops_before": dense.total, "flops_after": count(after).total, "flops_unknown": dense.unknown,
-           "bytes_before": before.ByteSize(), "bytes_after": after.ByteSize()}
-    if feeds and config.latency:
-        out["latency"] = latency(before, after, feeds[0])
-    return out
-
-
-def latency(before, after, feed: dict, threads: int | None = None, budget: float = 1.0) -> dict:
-    """Warm onnxruntime latency of both models, interleaved, median ms, at batch 1 and at the
-    feed's batch, with the thread count used."""
-    threads = threads or min(4, os.cpu_count() or 1)
-    out = {"threads": threads}
-    batch = next(iter(feed.values())).shape[0]
-    for label, f in (("batch_1", {k: v[:1] for k, v in feed.items()}), (f"batch_{batch}", feed)):
-        sessions = [make_session(m, threads=threads) for m in (before, after)]
-        names = [output_names(m) for m in (before, after)]
-        times: list[list[float]] = [[], []]
-        for s, n in zip(sessions, names):  # warm-up
-            s.run(n, f)
-        start = time.perf_counter()
-        while time.perf_counter() - start < budget or len(times[0]) < 5:
-            for k in (0, 1):
-                t = time.perf_counter()
-                sessions[k].run(names[k], f)
-                times[k].append(time.perf_counter() - t)
-            if len(times[0]) >= 200:
-                break
-        before_ms, after_ms = (1e3 * float(np.median(t)) for t in times)
-        out[label] = {"before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms,
-                      "runs": len(times[0])}
-    return out

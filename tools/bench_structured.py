@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_speed import MODELS as CNNS, Net  # noqa: E402
 from onnx_lobs import PruneConfig, prune  # noqa: E402
 from onnx_lobs.flops import count  # noqa: E402
-from onnx_lobs.structured import latency, parameters  # noqa: E402
+from onnx_lobs.structured_checks import latency, parameters  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- models

@@ -50,6 +50,7 @@ class Collector:
 
     layer: Layer
     joint: bool  # accumulate [x_dense, x_pruned] (sequential mode)
+    bias: bool | None = None  # augment with a 1 (default: when the layer's bias is in the solve)
     calib: HessianAccumulator = field(init=False)
     hold: HessianAccumulator = field(init=False)
 
@@ -60,7 +61,7 @@ class Collector:
         """Empty accumulators sized by the layer's geometry as it is now (a rewrite may change it)."""
         g = self.layer.geometry
         cols = g.cols * (2 if self.joint else 1)
-        bias = self.layer.bias is not None
+        bias = self.layer.bias is not None if self.bias is None else self.bias
         self.calib = HessianAccumulator(g.groups, cols, bias)
         self.hold = HessianAccumulator(g.groups, cols, bias)
 

@@ -33,7 +33,7 @@ from .flops import Flops, count, params_per_node
 from .groups import Group, find_groups, static_shapes
 from .hessian import damped_inverse, damped_solve, layer_error, output_energy
 from .index import GraphIndex, read_ir
-from .rewrite.shrink import ShrinkChannels
+from .rewrite.shrink import SetInput, ShrinkChannels, constant_array
 from .solve import Objective
 from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
@@ -132,26 +132,28 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     damp = config.damp if config.damp is not None else DEFAULT_DAMP
     allocated = config.global_sparsity is not None or config.flops is not None
     result, collectors, views = None, {}, {}
+    biases = _add_biases(index, _consumers(active))
     if allocated or not config.sequential:
         result, collectors, views = _calibrated(loaded, loaded.model, _consumers(active), None, source, config,
-                                                timings, damp, "calibrating (structured)")
+                                                timings, damp, "calibrating (structured)", biases)
     t = time.perf_counter()
     if allocated:
         active = _allocate(active, views, config, dense_flops, layers)
     if config.sequential:
-        result = _sequential(loaded, layers, active, source, config, timings, damp, result) or result
-        collectors, views = result.collectors, result.views
-        result = result.passed
+        done = _sequential(loaded, layers, active, source, config, timings, damp, result, biases)
+        result, collectors, views = done.passed, done.collectors, done.views
     else:
         for a in active:
             _solve_group(a, collectors, views, config.method)
     weights = {k: _to_layer(collectors[k].layer, v.w) for k, v in views.items()}  # dense-shaped
     timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
-    reference = _rewrite(loaded.model, dense_edits(layers, weights))
-    shrunk = _cut(loaded, index, layers, active, weights)
+    extra = _bias_edits(biases, views)
+    reference = _rewrite(loaded.model, extra + dense_edits(layers, weights))
+    shrunk = _cut(loaded, index, layers, active, weights, extra)
     check_shrunk(shrunk, reference, result.held_feeds,
-                 [(a.group.label, lambda a=a: _cut(loaded, index, layers, [a], weights)) for a in active], loaded.path)
+                 [(a.group.label, lambda a=a: _cut(loaded, index, layers, [a], weights, extra)) for a in active],
+                 loaded.path)
     fid = fidelity(shrunk, result.held_feeds, result.held_dense) if result.held_feeds else None
     _stamp(shrunk, active)
     timings["verify"] = time.perf_counter() - t
@@ -167,11 +169,47 @@ def _consumers(active: list[_Active]) -> dict[int, Layer]:
     return {id(c.layer): c.layer for a in active for c in a.group.consumers}
 
 
-def _calibrated(loaded, pruned, layers: dict, held, source, config, timings, damp, label):
+@dataclass(frozen=True)
+class _AddBias:
+    """A MatMul's bias as exporters write it: the Add of a constant vector over its outputs."""
+
+    node: int  # the Add's main-graph position
+    input: int
+    shape: tuple
+    dtype: np.dtype
+    vector: np.ndarray
+
+
+def _add_biases(index: GraphIndex, layers: dict) -> dict[int, _AddBias]:
+    """The consumers whose output's one reader adds a constant per output feature: that vector
+    joins the solve as their bias, so what removed channels carried on average moves into it."""
+    out = {}
+    for k, layer in layers.items():
+        site = layer.uses[0].site
+        if layer.op != "MatMul" or len(layer.uses) != 1 or site.scope or len(layer.shape) != 2:
+            continue
+        y = site.node.outputs[0]
+        uses = list(y.uses())
+        if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add" or len(uses[0].node.inputs) != 2:
+            continue
+        add, other = uses[0].node, 1 - uses[0].idx
+        arr = constant_array(add.inputs[other])
+        if arr is None or arr.dtype.kind != "f" or arr.size != layer.shape[1] or arr.shape[-1] != layer.shape[1]:
+            continue
+        out[k] = _AddBias(index.site(add).path[-1], other, arr.shape, arr.dtype, arr.reshape(-1).astype(np.float64))
+    return out
+
+
+def _bias_edits(biases: dict, views: dict) -> list:
+    return [SetInput(b.node, b.input, views[k].w[:, -1].reshape(b.shape).astype(b.dtype))
+            for k, b in biases.items() if k in views]
+
+
+def _calibrated(loaded, pruned, layers: dict, held, source, config, timings, damp, label, biases):
     """One pass over the calibration data for the given consumers: (pass result, collectors,
     views). pruned: the model as pruned so far (sequential mode: joint with the dense model)."""
     joint = pruned is not loaded.model
-    collectors = {k: Collector(layer, joint) for k, layer in layers.items()}
+    collectors = {k: Collector(layer, joint, bias=True if k in biases else None) for k, layer in layers.items()}
     t = time.perf_counter()
     dense = Session(loaded.model, list(collectors.values()), loaded.path)
     after = Session(pruned, list(collectors.values()), loaded.path) if joint else None
@@ -182,7 +220,7 @@ def _calibrated(loaded, pruned, layers: dict, held, source, config, timings, dam
     if result.samples["calibration"] == 0:
         raise LobsError(f"{source.origin}: no calibration samples")
     t = time.perf_counter()
-    views = {k: _view(c, damp) for k, c in collectors.items()}  # one damped inverse per consumer
+    views = {k: _view(c, damp, biases.get(k)) for k, c in collectors.items()}  # one damped inverse each
     timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     return result, collectors, views
 
@@ -194,7 +232,7 @@ class _Sequential:
     views: dict
 
 
-def _sequential(loaded, layers, active, source, config, timings, damp, held) -> _Sequential:
+def _sequential(loaded, layers, active, source, config, timings, damp, held, biases) -> _Sequential:
     """Groups in the order of their first consumer, stage by stage: each stage's consumers are
     calibrated on the model as pruned so far (its dense-shaped equivalent) against the dense
     model's inputs, so every consumer's target stays the dense output. A consumer shared with
@@ -206,7 +244,7 @@ def _sequential(loaded, layers, active, source, config, timings, damp, held) -> 
         new = {i: layer for i, layer in _consumers(stage).items() if i not in views}
         if new:
             passed, cs, vs = _calibrated(loaded, working if k else _copy(loaded.model), new, held, source, config,
-                                         timings, damp, f"stage {k + 1}/{len(stages)} (structured)")
+                                         timings, damp, f"stage {k + 1}/{len(stages)} (structured)", biases)
             held = held or passed
             collectors.update(cs)
             views.update(vs)
@@ -214,7 +252,7 @@ def _sequential(loaded, layers, active, source, config, timings, damp, held) -> 
         for a in stage:
             _solve_group(a, collectors, views, config.method)
         weights = {i: _to_layer(collectors[i].layer, v.w) for i, v in views.items()}
-        working = _rewrite(loaded.model, dense_edits(layers, weights))
+        working = _rewrite(loaded.model, _bias_edits(biases, views) + dense_edits(layers, weights))
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     return _Sequential(held, collectors, views)
 
@@ -359,12 +397,15 @@ def _reader(layer: Layer, view: View, port, channels: int) -> Reader:
     return Reader(view, np.stack(cols), present)
 
 
-def _view(c: Collector, damp: float) -> View:
+def _view(c: Collector, damp: float, add: _AddBias | None = None) -> View:
     layer = c.layer
     node = layer.uses[0].node
     m = layer.adapter.to_matrices(node, layer.read().astype(np.float64))[0]
     bias = layer.read_bias()
-    w = m if bias is None else np.c_[m, layer.adapter.bias_vector(node, bias, m.shape[0])[0]]
+    if add is not None:
+        w = np.c_[m, add.vector]
+    else:
+        w = m if bias is None else np.c_[m, layer.adapter.bias_vector(node, bias, m.shape[0])[0]]
     hp, cross, hd = (x[0] for x in c.hessians(c.calib))
     inv = damped_inverse(hp, damp)
     hinv = inv.hinv
@@ -445,9 +486,10 @@ def _to_layer(layer: Layer, w: np.ndarray) -> tuple:
     return weight, bias
 
 
-def _cut(loaded, index, layers, active: list[_Active], weights: dict) -> onnx.ModelProto:
+def _cut(loaded, index, layers, active: list[_Active], weights: dict, extra: list) -> onnx.ModelProto:
+    """The shrunk model: extra (the Add biases) first, then every edit that removes the units."""
     removed = removed_units([(a.group, list(a.record.removed)) for a in active])
-    return _rewrite(loaded.model, shrink_edits(index, layers, [a.group for a in active], removed, weights))
+    return _rewrite(loaded.model, extra + shrink_edits(index, layers, [a.group for a in active], removed, weights))
 
 
 def _rewrite(model: onnx.ModelProto, edits: list) -> onnx.ModelProto:

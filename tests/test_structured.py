@@ -67,6 +67,12 @@ def _reference(original, pruned, report) -> onnx.ModelProto:
             b = numpy_helper.to_array(by_name[node.input[2]]).copy()
             b[..., o] = new[node.input[2]]
             by_name[node.input[2]].CopyFrom(numpy_helper.from_array(b, node.input[2]))
+        adds = [n for n in ref.graph.node if n.op_type == "Add" and node.output[0] in n.input]
+        if node.op_type == "MatMul" and len(adds) == 1:  # a MatMul's bias: the Add of a constant after it
+            name = next(i for i in adds[0].input if i in by_name)
+            b = numpy_helper.to_array(by_name[name]).copy()
+            b[..., o] = new[name]
+            by_name[name].CopyFrom(numpy_helper.from_array(b, name))
     return ref
 
 
@@ -144,15 +150,17 @@ def test_heads_round_to_whole_heads_and_a_flops_target_counts_attention():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sequential_fits_each_consumer_to_the_dense_output_from_the_pruned_inputs(seed):
     """The last layer of an MLP after both hidden layers lost half their neurons: with
-    --sequential its kept weights are the least-squares fit, from the pruned model's hidden
-    activations, of the dense model's output (its Add's bias stays: a MatMul has none to move)."""
+    --sequential its kept weights and the bias of its Add are the least-squares fit, from the
+    pruned model's hidden activations, of the dense model's output."""
     model = cg.mlp(seed=seed, sizes=(10, 16, 12, 4))
     x = np.random.default_rng(3).standard_normal((400, 10)).astype(np.float32)
     calib = x[:300].astype(np.float64)  # samples=300: the first 300 calibrate, the next 30 are held out
 
     def forward(m):
-        w1, b1, w2, b2, w3, _ = (_arrays(m)[n.input[1]].astype(np.float64) for n in m.graph.node if len(n.input) > 1)
-        return np.maximum(np.maximum(calib @ w1 + b1, 0) @ w2 + b2, 0), w3
+        w1, b1, w2, b2, w3, b3 = (_arrays(m)[n.input[1]].astype(np.float64) for n in m.graph.node
+                                  if len(n.input) > 1)
+        hidden = np.maximum(np.maximum(calib @ w1 + b1, 0) @ w2 + b2, 0)
+        return np.c_[hidden, np.ones(len(hidden))], np.r_[w3, b3[None]]
 
     target = np.matmul(*forward(model))
     fits = {}
@@ -169,6 +177,18 @@ def test_sequential_runs_stage_by_stage_with_every_kind_of_group():
     model = cg.build(["conv_bn_act", "residual", "inverted", "attention", "c2f"], head="flatten_head")
     result = _check(model, _config(sequential=True, flops=0.6, default_exclude=False))
     assert result.report.summary["flops_after"] <= 0.6 * result.report.summary["flops_before"]
+
+
+def test_a_matmul_s_add_takes_the_removed_neurons_mean():
+    """MatMul + Add as exporters write a Linear: the Add's vector is the bias in the solve, so the
+    output error has zero mean on the calibration samples (it is orthogonal to the 1 column)."""
+    model = cg.mlp(sizes=(10, 16, 4))
+    x = np.random.default_rng(3).standard_normal((400, 10)).astype(np.float32)
+    out = prune(model, {"x": x}, _config(sparsity=0.5, samples=300, damp=1e-8, default_exclude=False)).model
+    dense, pruned = (_run(m, {"x": x[:300]})[0].astype(np.float64) for m in (model, out))
+    bias = [t for t in out.graph.initializer if list(t.dims) == [4]][0]
+    assert not np.allclose(numpy_helper.to_array(bias), _arrays(model)[bias.name])  # it moved
+    assert np.abs((pruned - dense).mean(0)).max() < 1e-4 * np.abs(pruned - dense).mean()
 
 
 def test_round_to_and_exclude():

@@ -13,6 +13,7 @@ pruned so far against the dense model's outputs.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import time
 import warnings
@@ -38,7 +39,7 @@ from .solve import Objective
 from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
-                               rank_without_compensation, wanda_scores)
+                               rank_without_compensation, replay, wanda_scores)
 
 METADATA_KEY = "onnx_lobs.structured"
 DEFAULT_DAMP = 0.01
@@ -79,6 +80,7 @@ class _Active:
     record: GroupRecord
     n_remove: int
     keep: np.ndarray | None = None
+    trial: object = None  # the allocation's trial run (solvers.channels.Chosen), from the same views
 
 
 def inspect_groups(loaded) -> list[GroupRecord]:
@@ -139,6 +141,7 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     t = time.perf_counter()
     if allocated:
         active = _allocate(active, views, config, dense_flops, layers)
+    _forget_shared_trials(active, config.sequential)
     if config.sequential:
         done = _sequential(loaded, layers, active, source, config, timings, damp, result, biases)
         result, collectors, views = done.passed, done.collectors, done.views
@@ -273,6 +276,15 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _forget_shared_trials(active: list[_Active], sequential: bool) -> None:
+    """A trial is replayed only by a group whose consumers no other active group reads, and only
+    in the independent mode (sequential views are new)."""
+    readers = Counter(id(c.layer) for a in active for c in a.group.consumers)
+    for a in active:
+        if sequential or any(readers[id(c.layer)] > 1 for c in a.group.consumers):
+            a.trial = None
+
+
 def _is_active(g: Group, active) -> bool:
     return any(a.group is g for a in active)
 
@@ -331,6 +343,7 @@ def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers) 
     for a in active:
         trial = {id(c.layer): views[id(c.layer)].copy() for c in a.group.consumers}
         chosen = _choose(a, trial, config.method, a.n_remove)
+        a.trial = chosen
         orders.append(chosen.removed)
         costs.append(chosen.costs)
         flops = sum(dense.per_node.get(p, 0) for p in _touched(a.group))
@@ -446,6 +459,10 @@ def _error(c: Collector, acc, old: np.ndarray, w: np.ndarray) -> float:
 def _choose(a: _Active, views: dict, method: str, n_remove: int):
     g = a.group
     readers = [_reader(c.layer, views[id(c.layer)], c.port, g.channels) for c in g.consumers]
+    if method == "lobs" and a.trial is not None:
+        # the allocation ran this group's greedy on copies of the same views: when no other group
+        # changed them since (its consumers are its own), its first n_remove steps are the answer
+        return replay(readers, a.trial, n_remove)
     if method == "lobs":
         return obs_channels(readers, g.channels, n_remove)
     if method == "wanda":

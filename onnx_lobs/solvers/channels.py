@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import blas
 
 STRUCTURED_METHODS = ("lobs", "magnitude", "wanda")
 
@@ -31,6 +32,7 @@ class View:
     w0: np.ndarray = field(init=False)  # the dense W, for errors
 
     def __post_init__(self):
+        self.w, self.hinv = np.ascontiguousarray(self.w), np.ascontiguousarray(self.hinv)
         self.energy = 0.5 * float(np.sum((self.w @ self.h) * self.w)) or 1.0
         self.w0 = self.w.copy()
 
@@ -58,27 +60,38 @@ class Chosen:
 
 
 def block_costs(r: Reader, alive: np.ndarray) -> np.ndarray:
-    """e(M_c) / energy for every alive channel c (0 where the consumer does not read it)."""
+    """e(M_c) / energy for every alive channel c (0 where the consumer does not read it):
+    1/2 <[(H^-1)_MM]^-1, W_M^T W_M> per block, the Gram of the block's columns."""
     out = np.zeros(int(alive.sum()))
     mine = r.present[alive]
     if not mine.any():
         return out
     idx = r.columns[alive][mine]  # [k, m]
     v = r.view
+    if idx.shape[1] == 1:  # one column per channel: w_c^2 / [H^-1]_cc
+        c = idx[:, 0]
+        out[mine] = 0.5 * np.einsum("ij,ij->j", v.w[:, c], v.w[:, c]) / v.hinv[c, c] / v.energy
+        return out
     b = v.hinv[idx[:, :, None], idx[:, None, :]]  # [k, m, m]
-    wm = np.transpose(v.w[:, idx], (1, 2, 0))  # [k, m, rows]
-    y = np.linalg.solve(b, wm)
-    out[mine] = 0.5 * np.sum(wm * y, axis=(1, 2)) / v.energy
+    wm = np.transpose(v.w[:, idx], (1, 0, 2))  # [k, rows, m]
+    gram = np.matmul(np.transpose(wm, (0, 2, 1)), wm)  # [k, m, m]
+    out[mine] = 0.5 * np.einsum("kmn,kmn->k", np.linalg.inv(b), gram) / v.energy
     return out
 
 
 def remove_block(view: View, cols: np.ndarray) -> None:
-    """Remove the columns cols with the optimal update of the rest, and downdate H^-1."""
+    """Remove the columns cols with the optimal update of the rest, and downdate H^-1, in
+    place: W -= W_M B^-1 (H^-1)_M,: and H^-1 -= (H^-1)_:,M B^-1 (H^-1)_M,: with B = (H^-1)_MM."""
     b = view.hinv[np.ix_(cols, cols)]
-    rows_m = view.hinv[cols, :]  # (H^-1)_M,:
-    coef = np.linalg.solve(b, view.w[:, cols].T)  # [m, rows]
-    view.w -= coef.T @ rows_m
-    view.hinv -= rows_m.T @ np.linalg.solve(b, rows_m)
+    rows_m = view.hinv[cols, :]  # (H^-1)_M,: [m, cols], a copy
+    z = np.linalg.solve(b, rows_m)  # B^-1 (H^-1)_M,:
+    wm = view.w[:, cols]  # a copy
+    # on the transposes (Fortran-ordered views of the C-ordered arrays), BLAS updates in place
+    for target, new in ((view.w, blas.dgemm(-1.0, z, wm, beta=1.0, c=view.w.T, trans_a=1, trans_b=1,
+                                            overwrite_c=1)),
+                        (view.hinv, blas.dgemm(-1.0, z, rows_m, beta=1.0, c=view.hinv.T, trans_a=1, overwrite_c=1))):
+        if not np.shares_memory(new, target):  # not C-ordered: BLAS worked on a copy
+            target[...] = new.T
     view.w[:, cols] = 0.0
     view.hinv[cols, :] = 0.0
     view.hinv[:, cols] = 0.0
@@ -99,6 +112,16 @@ def obs_channels(readers: list[Reader], channels: int, n_remove: int) -> Chosen:
         alive[pick] = False
         removed.append(pick)
     return Chosen(removed, costs)
+
+
+def replay(readers: list[Reader], chosen: Chosen, n_remove: int) -> Chosen:
+    """The first n_remove removals of an earlier greedy run from the same state, without pricing
+    every channel again: the same weights and H^-1 as running obs_channels for n_remove."""
+    for pick in chosen.removed[:n_remove]:
+        for r in readers:
+            if r.present[pick]:
+                remove_block(r.view, r.columns[pick])
+    return Chosen(list(chosen.removed[:n_remove]), list(chosen.costs[:n_remove]))
 
 
 def rank_without_compensation(scores: np.ndarray, readers: list[Reader], n_remove: int) -> Chosen:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnx_lobs.solvers.channels import (Reader, View, block_costs, kept_count, magnitude_scores, obs_channels,
-                                        rank_without_compensation, remove_block, wanda_scores)
+                                        rank_without_compensation, remove_block, replay, wanda_scores)
 
 
 def _problem(rng, rows=5, channels=6, m=3, n=400, bias=True):
@@ -37,10 +37,10 @@ def _refit(x, w, removed_cols):
     return new, err
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_block_cost_and_update_match_a_refit(bias):
+@pytest.mark.parametrize("bias,m", [(True, 3), (False, 3), (True, 1)])  # m = 1: a 1x1 conv's or a Gemm's
+def test_block_cost_and_update_match_a_refit(bias, m):
     rng = np.random.default_rng(0)
-    x, w, h, columns = _problem(rng, bias=bias)
+    x, w, h, columns = _problem(rng, bias=bias, m=m)
     r = _reader(w, h, columns)
     costs = block_costs(r, np.ones(len(columns), bool)) * r.view.energy
     for c in range(len(columns)):
@@ -121,3 +121,26 @@ def test_scores():
     (64, 0.5, 1, 32), (10, 0.35, 1, 6), (64, 0.3, 8, 48), (20, 0.9, 8, 8), (3, 0.99, 1, 1), (7, 0.0, 1, 7)])
 def test_kept_count(channels, fraction, multiple, kept):
     assert kept_count(channels, fraction, multiple) == kept
+
+
+def test_a_replayed_greedy_run_is_the_run_itself():
+    rng = np.random.default_rng(4)
+    x, w, h, columns = _problem(rng, channels=8)
+    trial = obs_channels([_reader(w, h, columns)], 8, 7)  # the allocation's trial, to the limit
+    again, fresh = _reader(w, h, columns), _reader(w, h, columns)
+    replayed = replay([again], trial, 3)
+    direct = obs_channels([fresh], 8, 3)
+    assert replayed.removed == direct.removed and replayed.costs == pytest.approx(direct.costs)
+    np.testing.assert_allclose(again.view.w, fresh.view.w, atol=1e-12)
+    np.testing.assert_allclose(again.view.hinv, fresh.view.hinv, atol=1e-12)
+
+
+def test_views_of_any_memory_order_are_updated_in_place():
+    rng = np.random.default_rng(5)
+    x, w, h, columns = _problem(rng)
+    c_order, f_order = _reader(w, h, columns), Reader(View(np.asfortranarray(w), np.linalg.inv(h), h), columns,
+                                                      np.ones(len(columns), bool))
+    for r in (c_order, f_order):
+        remove_block(r.view, columns[2])
+    np.testing.assert_allclose(f_order.view.w, c_order.view.w, atol=1e-12)
+    assert np.all(f_order.view.w[:, columns[2]] == 0)

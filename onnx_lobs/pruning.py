@@ -17,7 +17,7 @@ from .calibration import open_source
 from .errors import LobsError
 from .evaluate import Fidelity
 from .graph import Layer, find_layers, matches
-from .modelio import PROTOBUF_LIMIT, as_loaded
+from .modelio import as_loaded, over_limit
 from .segments import SegmentedPass, plan
 from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
@@ -325,7 +325,7 @@ def _config_dict(config: PruneConfig) -> dict:
 def _verify(model, layers, work, held_feeds, held_dense):
     """Check the written model, run it on held-out samples, and set the bound beside the result."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not over_limit(model):
             onnx.checker.check_model(model)
     except Exception as e:
         raise AssertionError(f"pruned model fails the ONNX checker: {e}") from None

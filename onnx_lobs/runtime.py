@@ -9,9 +9,10 @@ import tempfile
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .errors import LobsError, one_line
-from .modelio import PROTOBUF_LIMIT
+from .modelio import over_limit
 
 ort.set_default_logger_severity(4)  # fatal only: our own one-line errors say what failed
 
@@ -24,8 +25,14 @@ def make_session(model: onnx.ModelProto, origin: str | None = None, threads: int
     if threads:  # a fixed thread count, for timings that say what they used
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not over_limit(model):
             return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        light, names, arrays = _without_large_initializers(model)
+        if not over_limit(light):  # the large tensors handed over from memory
+            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+            session = ort.InferenceSession(light.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            session.lobs_arrays = arrays  # they back the session's initializers: keep them alive
+            return session
         with tempfile.TemporaryDirectory(prefix="onnx-lobs-") as folder:
             # onnx externalises tensors in place: save a copy so the caller's model is untouched.
             copy = onnx.ModelProto()
@@ -37,6 +44,37 @@ def make_session(model: onnx.ModelProto, origin: str | None = None, threads: int
     except Exception as e:
         raise LobsError(f"{origin + ': ' if origin else ''}onnxruntime cannot load the model: {one_line(e)}") \
             from None
+
+
+def _without_large_initializers(model: onnx.ModelProto, limit: int = 1 << 20):
+    """(the model with each main-graph initializer over limit bytes left as a placeholder, their
+    names, their arrays): a model over 2 GB that onnxruntime can take without a disk copy."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    names, arrays = [], []
+    for t in model.graph.initializer:
+        if len(t.raw_data) > limit:
+            names.append(t.name)
+            arrays.append(numpy_helper.to_array(t))
+            stub = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                               data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value="in-memory")
+        else:
+            light.graph.initializer.append(t)
+    return light, names, arrays
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):  # a repeated field
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def run(session: ort.InferenceSession, names: list[str], feed: dict, origin: str) -> list[np.ndarray]:

@@ -154,10 +154,10 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     extra = _bias_edits(biases, views)
     reference = _rewrite(loaded.model, extra + dense_edits(layers, weights))
     shrunk = _cut(loaded, index, layers, active, weights, extra)
-    check_shrunk(shrunk, reference, result.held_feeds,
-                 [(a.group.label, lambda a=a: _cut(loaded, index, layers, [a], weights, extra)) for a in active],
-                 loaded.path)
-    fid = fidelity(shrunk, result.held_feeds, result.held_dense) if result.held_feeds else None
+    outs = check_shrunk(shrunk, reference, result.held_feeds,
+                        [(a.group.label, lambda a=a: _cut(loaded, index, layers, [a], weights, extra))
+                         for a in active], loaded.path)
+    fid = fidelity(outs, result.held_dense) if outs else None
     _stamp(shrunk, active)
     timings["verify"] = time.perf_counter() - t
     records = [a.record for a in active] + [_record(g) for g in groups if g.blocked or not _is_active(g, active)]

@@ -13,56 +13,59 @@ import onnx
 from .errors import LobsError, one_line
 from .evaluate import Fidelity
 from .flops import Flops, count
-from .modelio import PROTOBUF_LIMIT, iter_graphs
+from .modelio import iter_graphs, over_limit
 from .runtime import make_session, output_names, run
 
 CHECK_RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9, np.dtype(np.float16): 2e-2}
 
 
-def check_shrunk(shrunk, reference, feeds, candidates, path) -> None:
-    """The shrunk model is valid ONNX and computes what the dense-shaped equivalent computes."""
+def check_shrunk(shrunk, reference, feeds, candidates, path) -> list | None:
+    """The shrunk model is valid ONNX and computes what the dense-shaped equivalent computes;
+    its outputs on the feeds (each model is run once: over 2 GB a session costs a disk copy)."""
     where = path or "model"
     try:
-        if shrunk.ByteSize() < PROTOBUF_LIMIT:
+        if not over_limit(shrunk):
             onnx.checker.check_model(shrunk, full_check=True)
             onnx.shape_inference.infer_shapes(shrunk, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise LobsError(f"{where}: the structurally pruned model fails the ONNX checks "
                         f"({one_line(e, 200)}); nothing was written") from None
     if not feeds:
-        return
-    bad = _disagreement(shrunk, reference, feeds)
+        return None
+    bad, outs = _disagreement(shrunk, reference, feeds)
     if bad is None:
-        return
-    culprit = next((label for label, cut_alone in candidates if _disagreement(cut_alone(), reference, feeds)),
+        return outs
+    culprit = next((label for label, cut_alone in candidates if _disagreement(cut_alone(), reference, feeds)[0]),
                    "several groups together")
     raise LobsError(f"{where}: removing the channels of group '{culprit}' changes the outputs ({bad}); "
                     "this is a bug in onnx-lobs, nothing was written")
 
 
-def _disagreement(model, reference, feeds) -> str | None:
+def _disagreement(model, reference, feeds) -> tuple[str | None, list]:
+    """(how the model's outputs differ from the reference's, or None; the model's outputs)."""
     s, r = make_session(model), make_session(reference)
     names = output_names(reference)
-    for feed in feeds:
-        for name, x, y in zip(names, run(s, names, feed, "shrunk model"), run(r, names, feed, "reference")):
+    outs = [run(s, names, feed, "shrunk model") for feed in feeds]
+    for feed, got in zip(feeds, outs):
+        for name, x, y in zip(names, got, run(r, names, feed, "reference")):
             if x.shape != y.shape:
-                return f"output '{name}' has shape {list(x.shape)}, expected {list(y.shape)}"
+                return f"output '{name}' has shape {list(x.shape)}, expected {list(y.shape)}", outs
             if x.dtype.kind != "f":
                 if not np.array_equal(x, y):
-                    return f"output '{name}' differs"
+                    return f"output '{name}' differs", outs
                 continue
             scale = float(np.max(np.abs(y.astype(np.float64)))) if y.size else 0.0
             err = float(np.max(np.abs(x.astype(np.float64) - y))) if y.size else 0.0
             if err > CHECK_RTOL.get(y.dtype, 1e-4) * max(scale, 1e-6) or not np.isfinite(err) and np.isfinite(scale):
-                return f"output '{name}' differs by {err:.3g} at scale {scale:.3g}"
-    return None
+                return f"output '{name}' differs by {err:.3g} at scale {scale:.3g}", outs
+    return None, outs
 
 
-def fidelity(model, feeds, dense_outs) -> dict:
-    sess, names = make_session(model), output_names(model)
+def fidelity(outs: list, dense_outs: list) -> dict:
+    """The shrunk model's held-out outputs against the dense model's."""
     fid = Fidelity()
-    for feed, dense in zip(feeds, dense_outs):
-        fid.add(dense, run(sess, names, feed, "structurally pruned model"))
+    for got, dense in zip(outs, dense_outs):
+        fid.add(dense, got)
     return fid.result()
 
 

@@ -13,6 +13,7 @@ Each model is run once (tests/corpus/run.py) and the results are shared by the t
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -23,7 +24,7 @@ from onnx_lobs import PruneConfig, prune
 from onnx_lobs.errors import LobsError
 from onnx_lobs.layers import ADAPTERS
 from tests.corpus import BY_NAME, ENTRIES, handmade
-from tests.corpus.run import calibration, check_output, cli, run_entry
+from tests.corpus.run import Reader, calibration, check_output, cli, run_entry
 
 # (entry, test or "*") -> reason, for failures that wait on a fix elsewhere in the package
 # (see /work/notes/bugs_for_lead.md, section corpus); strict, so a fix shows up as a failure here.
@@ -174,3 +175,27 @@ def test_corpus_files_are_small_and_span_the_opsets(tmp_path):
     assert len(fast) >= 15
     opsets = {o.version for e in fast for o in onnx.load(e.model_path(str(tmp_path))).opset_import if o.domain == ""}
     assert min(opsets) == 7 and max(opsets) == 26  # 26: the newest onnxruntime 1.31 runs
+
+
+# Why a structured group may be kept whole: an op named with its node, or where the channels go.
+KEPT_WHOLE = re.compile(r"^(\w+ '[^']*': .+|channels reach the graph output '.+'|channels come from the graph "
+                        r"input '.+'|'.+' is read inside a subgraph \(\w+\)|.+ is inside a subgraph|'.+' carries the "
+                        r"channels .+|nothing to remove at this sparsity|the channels reach no layer)$")
+
+
+@pytest.mark.parametrize("name", params("structured"))
+def test_structured_prunes_every_channel_group_or_names_what_keeps_it_whole(name, tmp_path):
+    entry = BY_NAME[name]
+    path = entry.model_path(str(tmp_path))
+    arrays = entry.calibration(48, path)
+    config = PruneConfig(structured=True, sparsity=0.5, round_to=1, latency=False, default_exclude=False)
+    try:
+        report = prune(path, Reader(arrays) if entry.per_sample else arrays, config).report
+    except LobsError as e:  # nothing to prune: the reasons are listed
+        assert "no channel group can be pruned" in str(e), e
+        return
+    for g in report.groups:
+        assert (g.kept is None) == (g.blocked is not None)
+        assert g.kept is not None or KEPT_WHOLE.match(g.blocked), g.blocked
+    assert any(g.kept is not None for g in report.groups)
+    assert report.summary["flops_after"] < report.summary["flops_before"]

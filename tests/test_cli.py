@@ -223,6 +223,9 @@ def test_structured_prune_and_inspect(tmp_path, capsys):
     assert digest(src) == before
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert "onnx_lobs.structured" in meta and "onnx_lobs" in meta
+    # the two-step use: N:M on the shrunk model
+    assert cli("prune", out, "-o", str(tmp_path / "nm.onnx"), "--pattern", "2:4", "--calib", calib, "--quiet") == 0
+    assert "2:4" in capsys.readouterr().out
     assert cli("prune", src, "-o", str(tmp_path / "x.onnx"), "--structured", "--method", "obc",
                "--calib", calib) == 1
     assert "--structured works with --method" in capsys.readouterr().err

@@ -262,3 +262,23 @@ def test_cli_bad_input(args, message, files, capsys, monkeypatch):
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("onnx-lobs: error:") and message in err, err
     assert not (files / "out.onnx").exists()
+
+
+def test_a_structurally_pruned_model_retrains_against_its_dense_teacher(tmp_path, torch_extra, capsys):
+    from tests import channel_graphs as cg
+
+    dense = cg.build(["residual", "inverted"])
+    x = cg.feed(dense, 96)
+    small = onnx_lobs.prune(dense, x, onnx_lobs.PruneConfig(structured=True, sparsity=0.5, round_to=1,
+                                                           latency=False, default_exclude=False)).model
+    src, teacher, out = tmp_path / "small.onnx", tmp_path / "dense.onnx", tmp_path / "out.onnx"
+    onnx.save(small, src)
+    onnx.save(dense, teacher)
+    np.savez(tmp_path / "x.npz", **x)
+    code = cli("retrain", str(src), "-o", str(out), "--data", str(tmp_path / "x.npz"), "--teacher", str(teacher),
+               "--iterations", "10", "--batch-size", "32", "--quiet")
+    assert code == 0, capsys.readouterr().err
+    def weights(m):  # the retrained model's tensors are renamed by the round trip through torch
+        return sorted(list(t.dims) for t in m.graph.initializer if len(t.dims) == 4)
+
+    assert weights(onnx.load(out)) == weights(small) != weights(dense)  # still the small model

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
-from .channel_ops import LAYOUT, Coarser, Context, Port, Rel, at, relate_simple
+from .channel_ops import LAYOUT, Coarser, Context, Port, Rel, at, clamp, relate_simple
 
 
 def relate(ctx: Context, node: ir.Node, v: ir.Value, port: Port, channels: int):
@@ -143,8 +143,7 @@ def _slice(ctx: Context, node: ir.Node, v: ir.Value, port: Port):
     size = ctx.size(x, port.axis)
     if step != 1 or size is None:
         return "slices the channel axis with a step, or of unknown size"
-    s = max(0, min(size, s + size if s < 0 else s))
-    e = max(0, min(size, e + size if e < 0 else e))
+    s, e = clamp(s, size), clamp(e, size)
     edit = ctx.edit("range", node, x, input=k, axis=port.axis, data=(s, e))
     if v is x:
         p = within(port, s, e)

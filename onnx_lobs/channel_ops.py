@@ -310,9 +310,10 @@ def _product(ctx: Context, node: ir.Node, v: ir.Value, port: Port):
     ports = [at(port, y, axis=y_ax)]
     for x, r in ((a, ra), (b, rb)):
         x_ax = y_ax - (ry - r)
-        if x is v or x_ax < 0 or ctx.size(x, x_ax) == 1:
+        size = None if x is v or x_ax < 0 else ctx.size(x, x_ax)
+        if x is v or x_ax < 0 or size == 1:
             continue
-        if ctx.size(x, x_ax) is None:
+        if size is None:
             return f"the size of '{x.name}' on the channel axis is not known"
         if ctx.const(x) is not None:
             return f"its operand '{x.name}' is a constant that is not a layer"
@@ -327,7 +328,7 @@ def _shape(ctx: Context, node: ir.Node, port: Port):
     if r is None:
         return "the rank of its input is not known"
     start, end = ctx.attr(node, "start", 0), ctx.attr(node, "end", r)
-    start, end = (max(0, min(r, x + r if x < 0 else x)) for x in (start, end))
+    start, end = (clamp(x, r) for x in (start, end))
     if not start <= port.axis < end:
         return Rel()
     for use in node.outputs[0].uses():
@@ -351,7 +352,12 @@ def slice_range(ctx: Context, node: ir.Node, size: int) -> tuple[int, int] | Non
     if args[0] is None or args[1] is None or (args[3] is not None and int(args[3].reshape(-1)[0]) != 1):
         return None
     s, e = (int(a.reshape(-1)[0]) for a in args[:2])
-    return tuple(max(0, min(size, x + size if x < 0 else x)) for x in (s, e))
+    return clamp(s, size), clamp(e, size)
+
+
+def clamp(index: int, size: int) -> int:
+    """A start or end index of ONNX's Slice/Shape conventions (negative from the end), in [0, size]."""
+    return max(0, min(size, index + size if index < 0 else index))
 
 
 def _norm(ctx: Context, node: ir.Node, v: ir.Value, port: Port, per_channel: tuple):

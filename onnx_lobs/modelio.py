@@ -27,11 +27,15 @@ def over_limit(model: ModelProto) -> bool:
     for g in iter_graphs(model.graph):
         tensors = list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
         for t in tensors:
-            if t.data_location != TensorProto.EXTERNAL:
-                data += math.prod(t.dims) * _ITEM_BYTES.get(t.data_type, 8)
+            data += tensor_bytes(t)
     if data >= PROTOBUF_LIMIT:
         return True
     return data >= PROTOBUF_LIMIT // 2 and model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def tensor_bytes(t: TensorProto) -> int:
+    """The bytes of a tensor's data held in the proto (0 when external), from its dims and type."""
+    return 0 if t.data_location == TensorProto.EXTERNAL else math.prod(t.dims) * _ITEM_BYTES.get(t.data_type, 8)
 
 
 _ITEM_BYTES = {TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .errors import LobsError, one_line
-from .modelio import over_limit
+from .modelio import over_limit, tensor_bytes
 
 ort.set_default_logger_severity(4)  # fatal only: our own one-line errors say what failed
 
@@ -54,7 +54,7 @@ def _without_large_initializers(model: onnx.ModelProto, limit: int = 1 << 20):
     _copy_fields(model.graph, light.graph, skip="initializer")
     names, arrays = [], []
     for t in model.graph.initializer:
-        if len(t.raw_data) > limit:
+        if tensor_bytes(t) > limit:
             names.append(t.name)
             arrays.append(numpy_helper.to_array(t))
             stub = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,

@@ -13,10 +13,10 @@ pruned so far against the dense model's outputs.
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -254,8 +254,9 @@ def _sequential(loaded, layers, active, source, config, timings, damp, held, bia
         t = time.perf_counter()
         for a in stage:
             _solve_group(a, collectors, views, config.method)
-        weights = {i: _to_layer(collectors[i].layer, v.w) for i, v in views.items()}
-        working = _rewrite(loaded.model, _bias_edits(biases, views) + dense_edits(layers, weights))
+        if k + 1 < len(stages):  # the next stage calibrates on the model as pruned so far
+            weights = {i: _to_layer(collectors[i].layer, v.w) for i, v in views.items()}
+            working = _rewrite(loaded.model, _bias_edits(biases, views) + dense_edits(layers, weights))
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     return _Sequential(held, collectors, views)
 
@@ -436,22 +437,29 @@ def _view(c: Collector, damp: float, add: _AddBias | None = None) -> View:
     return view
 
 
-def _errors(views: list[View], olds: list[np.ndarray], collectors: list[Collector]) -> tuple[float, float | None]:
+def _hessians(c: Collector, v: View) -> tuple:
+    """(calibration, held-out or None) Hessian triples (H_p, C, H_d) of one consumer, read from
+    its accumulators once per group solve (independent mode: the view's own H for calibration)."""
+    calib = (v.h, v.h, v.h) if not c.joint else tuple(x[0] for x in c.hessians(c.calib))
+    return calib, (tuple(x[0] for x in c.hessians(c.hold)) if c.hold.n else None)
+
+
+def _errors(views: list[View], olds: list[np.ndarray], hessians: list, joint: list[bool]) -> tuple:
     """Sum over the views of their relative layer-wise error now, on calibration and held-out data."""
     calib, hold = 0.0, 0.0
-    for v, old, c in zip(views, olds, collectors):
-        calib += _error(c, c.calib, old, v.w)
-        if c.hold.n:
-            hold += _error(c, c.hold, old, v.w)
-    return calib, hold if all(c.hold.n for c in collectors) else None
+    for v, old, (hc, hh), j in zip(views, olds, hessians, joint):
+        calib += _error(hc, j, old, v.w)
+        if hh is not None:
+            hold += _error(hh, j, old, v.w)
+    return calib, hold if all(hh is not None for _, hh in hessians) else None
 
 
-def _error(c: Collector, acc, old: np.ndarray, w: np.ndarray) -> float:
+def _error(triple: tuple, joint: bool, old: np.ndarray, w: np.ndarray) -> float:
     """The relative layer-wise error of w against the dense output (sequential: from the
     pruned model's inputs)."""
-    hp, cross, hd = (x[0] for x in c.hessians(acc))
+    hp, cross, hd = triple
     energy = output_energy(old, hd) or 1.0
-    if not c.joint:
+    if not joint:
         return layer_error(old, w, hp) / energy
     return Objective(old, hp, cross, hd, True).error(w) / energy
 
@@ -476,9 +484,10 @@ def _solve_group(a: _Active, collectors: dict, views: dict, method: str) -> None
     cs = [collectors[id(c.layer)] for c in g.consumers]
     vs = [views[id(c.layer)] for c in g.consumers]
     olds = [v.w0 for v in vs]
-    before = _errors(vs, olds, cs)
+    hessians, joint = [_hessians(c, v) for c, v in zip(cs, vs)], [c.joint for c in cs]
+    before = _errors(vs, olds, hessians, joint)
     chosen = _choose(a, views, method, a.n_remove)
-    after = _errors(vs, olds, cs)
+    after = _errors(vs, olds, hessians, joint)
     a.keep = np.setdiff1d(np.arange(g.channels), chosen.removed)
     a.record.removed = sorted(chosen.removed)
     a.record.predicted_error = float(sum(chosen.costs))

@@ -205,6 +205,10 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--global", "global_sparsity", type=float, metavar="S",
               help="Remove S of all prunable weights (with --structured: of all channels of the prunable "
                    "groups), allocated across the model by normalised OBS cost.")
+@click.option("--allocation", type=click.Choice(["output", "layer"]),
+              help="With --structured and --flops or --global: rank removals by each group's measured "
+                   "effect on the model's outputs (output, the default) or by normalised layer-wise "
+                   "cost (layer: faster, no held-out probes).")
 @click.option("--no-default-exclude", is_flag=True,
               help="Also prune first layers with very few input channels (left dense by default).")
 @click.option("--sequential", is_flag=True,
@@ -213,7 +217,7 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, structured, round_to, flops, no_latency, layer_sparsity, max_error, method, exclude, samples,
-          batch_size, damp, pattern, global_sparsity, no_default_exclude, sequential, report_path, seed, quiet):
+          batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, report_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
     from .modelio import save_model
@@ -235,7 +239,7 @@ def prune(model, output, calib, sparsity, structured, round_to, flops, no_latenc
                          batch_size=batch_size, seed=seed, damp=_damp(damp), sequential=sequential,
                          pattern=_pattern(pattern), global_sparsity=global_sparsity,
                          default_exclude=not no_default_exclude, structured=structured, round_to=round_to,
-                         flops=flops, latency=not no_latency,
+                         flops=flops, allocation=allocation, latency=not no_latency,
                          progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

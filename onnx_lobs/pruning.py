@@ -50,6 +50,9 @@ class PruneConfig:
     # work on blocks of 8 channels (YOLO-style model at half the FLOPs: 1.0x faster with any counts, 3.4x with 8)
     round_to: int = 8
     flops: float | None = None  # structured: keep at most this fraction of the dense FLOPs
+    # structured --flops/--global: rank removals by their measured effect on the outputs ("output",
+    # the default) or by normalised layer-wise cost ("layer")
+    allocation: str | None = None
     latency: bool = True  # structured: time both models in onnxruntime for the report
     progress: bool = False
 
@@ -66,6 +69,11 @@ class PruneConfig:
             raise LobsError(f"--global must be in [0, 1), got {self.global_sparsity}")
         if self.global_sparsity is not None and (self.pattern is not None or self.max_error is not None):
             raise LobsError("--global cannot be combined with --pattern or --max-error")
+        if self.allocation not in (None, "output", "layer"):
+            raise LobsError(f"--allocation must be output or layer, got {self.allocation}")
+        if self.allocation == "output" and not self.structured:
+            raise LobsError("--allocation output works with --structured only so far "
+                            "(unstructured --global allocates by layer-wise error)")
         if self.max_error is not None and not self.max_error > 0:
             raise LobsError(f"--max-error must be positive, got {self.max_error}")
         if self.batch_size < 1 or (self.samples is not None and self.samples < 1):

@@ -146,14 +146,15 @@ def _num(x, fmt=".3g") -> str:
 
 def format_groups(report: Report) -> str:
     head = (f"{'group':<28} {'channels':>12} {'consumers':>9} {'MFLOPs':>15} {'pred dE':>9} {'rel dE':>9} "
-            f"{'held dE':>9}")
+            f"{'held dE':>9} {'out dE':>9}")
     lines = [head, "-" * len(head)]
     for g in (g for g in report.groups if g.kept is not None):
         flops = f"{g.flops_before / 1e6:.2f} -> {(g.flops_after or 0) / 1e6:.2f}"
         width = f"x{g.width}" if g.width > 1 else ""
         lines.append(f"{g.label[:28]:<28} {f'{g.channels}{width} -> {g.kept}{width}':>12} {len(g.consumers):>9} "
                      f"{flops:>15} "
-                     f"{_num(g.predicted_error):>9} {_num(g.measured_error):>9} {_num(g.holdout_error):>9}")
+                     f"{_num(g.predicted_error):>9} {_num(g.measured_error):>9} {_num(g.holdout_error):>9} "
+                     f"{_num(g.output_error):>9}")
     kept = [g for g in report.groups if g.kept is None]
     if kept:
         lines.append("kept whole:")
@@ -170,6 +171,11 @@ def format_groups(report: Report) -> str:
             parts = [f"{k.replace('_', ' ')} {v['before_ms']:.3g} -> {v['after_ms']:.3g} ms ({v['speedup']:.2f}x)"
                      for k, v in speed.items() if k != "threads"]
             lines.append(f"onnxruntime latency, {speed['threads']} threads: " + ", ".join(parts))
+        a = s.get("allocation")
+        if a:
+            lines.append(f"allocation by {a['by']}" + (f": {a['probes']} probes in {a['rounds']} rounds, predicted "
+                                                       f"output rel L2 {_num(a.get('predicted_rel_l2'))}"
+                                                       if a["by"] == "output" else " (normalised layer-wise cost)"))
     f = report.fidelity
     if f:
         lines.append(f"output fidelity on {f['samples']} held-out samples: rel L2 {_num(f.get('rel_l2'))}, "

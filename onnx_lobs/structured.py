@@ -13,9 +13,7 @@ pruned so far against the dense model's outputs.
 from __future__ import annotations
 
 import json
-import math
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,15 +25,15 @@ from .activations import Collector, Reading, Session, collect
 from .calibration import open_source
 from .errors import LobsError
 from .graph import Constants, Layer, find_layers, matches
-from .allocation import allocate_channels
 from .cuts import dense_edits, removed_units, shrink_edits
-from .channel_ops import is_depthwise
 from .flops import Flops, count, params_per_node
 from .groups import Group, find_groups, static_shapes
 from .hessian import damped_inverse, damped_solve, layer_error, output_energy
 from .index import GraphIndex, read_ir
 from .rewrite.shrink import SetInput, ShrinkChannels, constant_array
 from .solve import Objective
+from .sensitivity import output_probe
+from .structured_allocation import ALLOCATIONS, Trial, choose_counts, touched_nodes, unit_multiple
 from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
@@ -61,6 +59,7 @@ class GroupRecord:
     predicted_error: float | None = None  # sum over consumers of e(M) / energy (calibration)
     measured_error: float | None = None  # the same measured exactly through H (calibration)
     holdout_error: float | None = None
+    output_error: float | None = None  # --flops/--global by output: this group alone, squared rel L2 of the outputs
     blocked: str | None = None
 
 
@@ -89,7 +88,7 @@ def inspect_groups(loaded) -> list[GroupRecord]:
     dense = count(loaded.model)
     records = [_record(g) for g in groups]
     for r, g in zip(records, groups):
-        r.flops_before = sum(dense.per_node.get(n, 0) for n in _touched(g))
+        r.flops_before = sum(dense.per_node.get(n, 0) for n in touched_nodes(g))
     return records
 
 
@@ -116,6 +115,10 @@ def check_config(config) -> None:
         raise LobsError(f"--round-to must be at least 1, got {config.round_to}")
     if config.flops is not None and not 0 < config.flops <= 1:
         raise LobsError(f"--flops must be in (0, 1] (with --structured), got {config.flops}")
+    if config.allocation not in (None,) + ALLOCATIONS:
+        raise LobsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, not {config.allocation}")
+    if config.allocation is not None and config.flops is None and config.global_sparsity is None:
+        raise LobsError("--allocation decides between groups: give it with --flops or --global")
     if config.flops is not None and config.global_sparsity is not None:
         raise LobsError("--flops and --global cannot be combined (with --structured, give one)")
 
@@ -139,8 +142,12 @@ def prune_structured(loaded, calibration, config) -> Outcome:
         result, collectors, views = _calibrated(loaded, loaded.model, _consumers(active), None, source, config,
                                                 timings, damp, "calibrating (structured)", biases)
     t = time.perf_counter()
+    allocation = None
     if allocated:
-        active = _allocate(active, views, config, dense_flops, layers)
+        probe = _output_probe(loaded, layers, views, biases, result, config)
+        active, allocation = _allocate(active, views, config, dense_flops, layers, probe)
+        timings["allocate"] = time.perf_counter() - t
+        t = time.perf_counter()
     _forget_shared_trials(active, config.sequential)
     if config.sequential:
         done = _sequential(loaded, layers, active, source, config, timings, damp, result, biases)
@@ -164,8 +171,36 @@ def prune_structured(loaded, calibration, config) -> Outcome:
     _costs(records, groups, loaded.model, shrunk, dense_flops)
     feed = latency_feed(result.held_feeds, config.batch_size, loaded.model)
     totals = summary(loaded.model, shrunk, dense_flops, feed, config)
+    if allocation is not None:
+        totals["allocation"] = allocation.summary()
     timings["total"] = sum(timings.values())
     return Outcome(shrunk, records, totals, fid, result.samples, timings)
+
+
+def _output_probe(loaded, layers, views: dict, biases: dict, passed, config):
+    """probe(a, n): the held-out output error of the model with only group a's first n removals
+    of its trial (dense-shaped: the consumers' compensated weights written); None when the
+    allocation is by layer-wise cost or there is nothing held out to measure on."""
+    if allocation_by(config) != "output":
+        return None
+    outputs = output_probe(passed.held_feeds, passed.held_dense, loaded.path)
+    if outputs is None:
+        if config.allocation == "output":
+            raise LobsError(f"{loaded.path or 'model'}: --allocation output needs held-out samples "
+                            "(give at least 2 calibration samples)")
+        return None
+
+    def probe(a: _Active, n: int) -> float:
+        trial = {id(c.layer): views[id(c.layer)].copy() for c in a.group.consumers}
+        _choose(a, trial, config.method, n)
+        weights = {k: _to_layer(v_layer, trial[k].w) for k, v_layer in _consumers([a]).items()}
+        return outputs.error(_rewrite(loaded.model, _bias_edits(biases, trial) + dense_edits(layers, weights)))
+    return probe
+
+
+def allocation_by(config) -> str:
+    """How --flops/--global rank removals: by measured output error unless asked otherwise."""
+    return config.allocation or "output"
 
 
 def _consumers(active: list[_Active]) -> dict[int, Layer]:
@@ -310,7 +345,7 @@ def _plan(groups: list[Group], config) -> list[_Active]:
         if excluded:
             g.block(f"excluded by '{excluded}'")
             continue
-        multiple = _multiple(g, config.round_to)
+        multiple = unit_multiple(g, config.round_to)
         keep = multiple if allocated else kept_count(g.channels, config.sparsity, multiple)
         if keep >= g.channels:
             g.block("nothing to remove at this sparsity" if not allocated else "too few channels to remove any")
@@ -321,81 +356,24 @@ def _plan(groups: list[Group], config) -> list[_Active]:
     return active
 
 
-def _multiple(g: Group, round_to: int) -> int:
-    """The multiple of channels that keeps the producers' kept units a multiple of round_to."""
-    return round_to // math.gcd(round_to, g.width)
-
-
-def _touched(g: Group) -> set[int]:
-    """Main-graph positions of the nodes whose FLOPs a group changes: its layers, depthwise
-    Convs and activation products (attention's MatMuls)."""
-    nodes = {p.layer.uses[0].site.path[-1] for p in g.producers} | set(g.products)
-    nodes |= {c.layer.uses[0].site.path[-1] for c in g.consumers}
-    return nodes | {e.node[-1] for e in g.edits if e.kind == "depthwise"}
-
-
-def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers) -> list[_Active]:
-    """Counts per group from one model-wide ranking: each group's greedy removals, by cost
-    (--global: a fraction of all channels) or by cost per FLOP saved (--flops). A FLOPs target
-    is met exactly: a layer between two pruned groups saves less than both estimates together,
-    so the ranking is taken further until the FLOPs the choice leaves (exact: every counted op
-    is bilinear in its input and output channels) are within the target."""
-    orders, costs, savings = [], [], []
+def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers, probe) -> list[_Active]:
+    """Counts per group (structured_allocation): each group's greedy run to the most it may lose
+    on copies of the views, then one model-wide ranking; probe(a, n) measures a group's effect on
+    the outputs when the allocation is by output."""
+    trials = []
     for a in active:
         trial = {id(c.layer): views[id(c.layer)].copy() for c in a.group.consumers}
-        chosen = _choose(a, trial, config.method, a.n_remove)
-        a.trial = chosen
-        orders.append(chosen.removed)
-        costs.append(chosen.costs)
-        flops = sum(dense.per_node.get(p, 0) for p in _touched(a.group))
-        savings.append(1.0 if config.flops is None else flops / a.group.channels)
-    if config.flops is None:
-        counts = allocate_channels(costs, savings, config.global_sparsity * sum(a.group.channels for a in active))
-    else:
-        goal = config.flops * dense.total
-        target = dense.total - goal
-        for _ in range(20):
-            counts = [_rounded(a, n, config.round_to)
-                      for a, n in zip(active, allocate_channels(costs, savings, target))]
-            left = _flops_left(layers, active, orders, counts, dense)
-            if left <= goal or all(n == len(c) for n, c in zip(counts, costs)):
-                break
-            target += left - goal
-        if left > goal:
-            warnings.warn(f"--flops {config.flops}: the groups that can be pruned leave "
-                          f"{left / dense.total:.3f} of the FLOPs at most")
+        a.trial = _choose(a, trial, config.method, a.n_remove)
+        trials.append(Trial(a.group, a.trial.removed, a.trial.costs))
+    measure = None if probe is None else (lambda g, n: probe(active[g], n))
+    allocation = choose_counts(trials, config, dense, layers, measure)
     out = []
-    for a, n in zip(active, counts):
-        n = _rounded(a, n, config.round_to)
+    for k, (a, n) in enumerate(zip(active, allocation.counts)):
         if n:
             a.n_remove, a.record.kept = n, a.group.channels - n
+            a.record.output_error = allocation.output_errors[k] if allocation.output_errors else None
             out.append(a)
-    return out
-
-
-def _rounded(a: _Active, n: int, multiple: int) -> int:
-    c = a.group.channels
-    return c - kept_count(c, n / c, _multiple(a.group, multiple)) if n else 0
-
-
-def _flops_left(layers, active, orders, counts, dense: Flops) -> float:
-    """The model's FLOPs after removing each group's first counts[g] channels of its order:
-    a layer's FLOPs scale with the kept fraction of its input and of its output units."""
-    removed = removed_units([(a.group, order[:n]) for a, order, n in zip(active, orders, counts)])
-    total = float(dense.total)
-    for layer in layers:
-        site = layer.uses[0].site
-        if site.scope:
-            continue
-        n_in, n_out = layer.adapter.channels(site.proto, layer.shape)
-        kept_out = 1 - len(removed.get(site.node.outputs[0].name, ())) / n_out
-        kept_in = 1.0 if is_depthwise(layer) else 1 - len(removed.get(site.node.inputs[0].name, ())) / n_in
-        total -= dense.per_node.get(site.path[-1], 0) * (1 - kept_in * kept_out)
-    products = {pos: out for a in active for pos, out in a.group.products.items()}
-    for pos, (name, size) in products.items():  # attention's MatMuls scale with their output
-        if size and name in removed:
-            total -= dense.per_node.get(pos, 0) * len(removed[name]) / size
-    return total
+    return out, allocation
 
 
 # ----------------------------------------------------------------------------- choosing channels
@@ -537,7 +515,7 @@ def _costs(records, groups, before, after, dense: Flops) -> None:
     p_before, p_after = params_per_node(before), params_per_node(after)
     by_label = {g.label: g for g in groups}
     for r in records:
-        nodes = _touched(by_label[r.label])
+        nodes = touched_nodes(by_label[r.label])
         r.flops_before = sum(dense.per_node.get(n, 0) for n in nodes)
         r.params_before = sum(p_before.get(n, 0) for n in nodes)
         if r.kept is not None:

@@ -230,3 +230,15 @@ def test_structured_prune_and_inspect(tmp_path, capsys):
                "--calib", calib) == 1
     assert "--structured works with --method" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.onnx")
+    # the allocation: measured at the outputs by default, refused where it decides nothing
+    assert cli("prune", src, "-o", out, "--structured", "--flops", "0.7", "--round-to", "2", "--calib", calib,
+               "--no-latency", "--no-default-exclude", "--report", rep, "--quiet") == 0
+    assert "allocation by output:" in capsys.readouterr().out
+    report = json.load(open(rep))
+    assert report["summary"]["allocation"]["by"] == "output" and report["config"]["allocation"] is None
+    assert all(g["output_error"] is not None for g in report["groups"] if g["kept"] is not None)
+    for args, message in ((["--structured", "--allocation", "layer"], "give it with --flops or --global"),
+                          (["--global", "0.5", "--allocation", "output"], "works with --structured only")):
+        assert cli("prune", src, "-o", str(tmp_path / "x.onnx"), "--calib", calib, *args) == 1
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "x.onnx")

@@ -226,9 +226,13 @@ def bench(name, targets, args, rng):
     for target in targets:
         t = time.perf_counter()
         ours = prune(dense, {input_name: calib}, PruneConfig(structured=True, flops=target, method=args.method,
-                                                             batch_size=args.batch_size, latency=False))
+                                                             batch_size=args.batch_size, latency=False,
+                                                             allocation=args.allocation))
         m = measure(dense, ours.model, held, test, time.perf_counter() - t)
-        row(name, target, f"onnx-lobs {args.method}", m, dense_flops)
+        a = ours.report.summary["allocation"]
+        row(name, target, f"onnx-lobs {args.method}", m, dense_flops,
+            f"allocation {a['by']}" + (f", {a['probes']} probes, allocate {ours.report.timings['allocate']:.0f}s"
+                                       if a["by"] == "output" else ""))
         if onnxsim is None:
             print("  (onnxsim not installed: pip install onnxsim==0.8.1)")
             continue
@@ -278,6 +282,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5], help="FLOPs kept")
     ap.add_argument("--method", default="lobs")
+    ap.add_argument("--allocation", choices=["output", "layer"], help="default: the tool's (output)")
     ap.add_argument("--samples", type=int, default=256, help="calibration samples (MNIST: images)")
     ap.add_argument("--held-out", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)

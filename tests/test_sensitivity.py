@@ -1,0 +1,42 @@
+"""The output probe against numpy: the squared relative change of every float output."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lobs.sensitivity import OutputProbe, output_probe
+
+
+def _model(w: np.ndarray):
+    """y = x @ w, and an integer output (its argmax) that the probe must leave out."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("ArgMax", ["y"], ["k"], axis=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_tensor_value_info("k", TensorProto.INT64, ["N", 1])],
+                              [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_error_is_the_squared_relative_change_of_the_float_outputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((5, 6)).astype(np.float32)} for _ in range(3)]
+    dense = [[f["x"] @ w, np.argmax(f["x"] @ w, axis=1)[:, None]] for f in feeds]
+    probe = OutputProbe(feeds, dense)
+    assert probe.error(_model(w)) < 1e-12
+    w2 = w.copy()
+    w2[2] = 0.0
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    want = np.sum((x @ w2 - x @ w) ** 2) / np.sum((x @ w) ** 2)
+    np.testing.assert_allclose(probe.error(_model(w2)), want, rtol=1e-5)
+    assert probe.runs == 2
+
+
+def test_output_probe_takes_whole_feeds_up_to_the_samples_asked():
+    feeds = [{"x": np.ones((10, 6), np.float32)} for _ in range(4)]
+    dense = [[np.ones((10, 3), np.float32)] for _ in range(4)]
+    assert len(output_probe(feeds, dense, samples=15).feeds) == 2
+    assert len(output_probe(feeds, dense, samples=1000).feeds) == 4
+    assert output_probe([], []) is None
+    assert output_probe(feeds, [[np.zeros((10, 3), np.float32)]] * 4) is None  # nothing to be relative to

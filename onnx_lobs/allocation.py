@@ -9,8 +9,6 @@ taking the globally cheapest weights is the best allocation of the removals for 
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 from .graph import Layer, matches
@@ -84,19 +82,37 @@ def allocate(costs: list[np.ndarray], n_remove: int) -> list[int]:
     return np.bincount(owner[order], minlength=len(costs)).tolist()
 
 
-def allocate_channels(costs: list[list[float]], savings: list[float], target: float) -> list[int]:
-    """Per-group removal counts: the cheapest next removal per unit saved, over all groups, until
-    `target` is saved. costs[g] are group g's successive removal costs (its greedy order: a group
-    only ever removes a prefix); savings[g] what one of its channels saves (1 for a channel count,
-    its FLOPs for a FLOPs target)."""
-    taken = [0] * len(costs)
-    heap = [(c[0] / s, g) for g, (c, s) in enumerate(zip(costs, savings)) if c and s > 0]
-    heapq.heapify(heap)
-    saved = 0.0
-    while heap and saved < target:
-        _, g = heapq.heappop(heap)
-        taken[g] += 1
-        saved += savings[g]
-        if taken[g] < len(costs[g]):
-            heapq.heappush(heap, (costs[g][taken[g]] / savings[g], g))
-    return taken
+def cheapest_choice(options: list[list[tuple[float, float]]], target: float, bins: int = 2000) -> list[int]:
+    """One option per group, (saving, cost) each, with the least total cost whose savings reach
+    target: a multiple-choice knapsack by dynamic programming over the savings, counted in
+    target/bins steps and rounded down (so the choice never saves less than it counts). A
+    greedy by cost per unit saved would take a group's big step (half of a 16-channel layer, when
+    kept counts are multiples of 8) that passes the target far, where smaller steps elsewhere
+    would do. Out of reach: every group's largest saving."""
+    if target <= 0:
+        return [0] * len(options)
+    if sum(max(s for s, _ in opts) for opts in options) < target:
+        return [max(range(len(opts)), key=lambda j: opts[j][0]) for opts in options]
+    scale = bins / target
+    best = np.full(bins + 1, np.inf)
+    best[0] = 0.0
+    picks, prevs = [], []
+    for opts in options:
+        new, pick, prev = np.full(bins + 1, np.inf), np.zeros(bins + 1, np.int64), np.zeros(bins + 1, np.int64)
+        states = np.arange(bins + 1)
+        for j, (saving, cost) in enumerate(opts):
+            step = min(bins, int(saving * scale + 1e-9))
+            cand, source = np.full(bins + 1, np.inf), np.zeros(bins + 1, np.int64)
+            cand[step:bins] = best[:bins - step] + cost
+            source[step:bins] = states[:bins - step]
+            tail = bins - step + int(np.argmin(best[bins - step:]))  # every state from here on reaches the cap
+            cand[bins], source[bins] = best[tail] + cost, tail
+            better = cand < new
+            new[better], pick[better], prev[better] = cand[better], j, source[better]
+        best = new
+        picks.append(pick)
+        prevs.append(prev)
+    chosen, state = [0] * len(options), bins
+    for g in range(len(options) - 1, -1, -1):
+        chosen[g], state = int(picks[g][state]), int(prevs[g][state])
+    return chosen

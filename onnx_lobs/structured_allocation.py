@@ -1,12 +1,13 @@
-"""How many channels each group loses under --flops or --global: one model-wide ranking of every
-group's greedy removals, by cost (a fraction of all channels) or by cost per FLOP saved.
+"""How many channels each group loses under --flops or --global: over every group's greedy
+removals, the counts of least total cost that reach the target (a fraction of all channels, or
+of the FLOPs).
 
 The cost is the group's layer-wise OBS cost ("layer"), or that cost rescaled so that it predicts
 the group's measured effect on the model's outputs ("output", the default): each group is pruned
 alone to its allocated count, the held-out outputs are compared with the dense model's, and the
 ranking is taken again with the rescaled costs until the counts settle. Single-group output
 errors add up to the whole model's (ResNet-50 at 70% of the FLOPs: 1.175e-5 summed, 1.166e-5
-measured together), which is what makes one ranking over them right.
+measured together), which is what makes one sum over them right.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .channel_ops import is_depthwise
 from .cuts import removed_units
 from .flops import Flops
 from .groups import Group
-from .allocation import allocate_channels
+from .allocation import cheapest_choice
 from .solvers.channels import kept_count
 
 ALLOCATIONS = ("output", "layer")
@@ -127,28 +128,38 @@ def _output_costs(costs: list[float], points: dict[int, float]) -> list[float]:
 
 
 def _counts(trials: list[Trial], costs: list[list[float]], config, dense: Flops, layers) -> list[int]:
-    """The ranking over all groups, rounded; a FLOPs target is met exactly: a layer between two
-    pruned groups saves less than both estimates together, so the ranking is taken further until
-    the FLOPs the choice leaves (exact: every counted op is bilinear in its input and output
-    channels) are within the target."""
-    round_to = config.round_to
+    """The cheapest counts over all groups (allocation.cheapest_choice), each a count that keeps a
+    whole multiple (--round-to). A FLOPs target is met exactly: a layer between two pruned groups
+    saves less than both estimates together, so the target is raised until the FLOPs the choice
+    leaves (exact: every counted op is bilinear in its input and output channels) are within it."""
+    levels = [_levels(t, config.round_to) for t in trials]
+    totals = [np.r_[0.0, np.cumsum(c)] for c in costs]
     if config.flops is None:
-        total = config.global_sparsity * sum(t.group.channels for t in trials)
-        taken = allocate_channels(costs, [1.0] * len(trials), total)
-        return [rounded(t.group, n, round_to) for t, n in zip(trials, taken)]
-    savings = [sum(dense.per_node.get(p, 0) for p in touched_nodes(t.group)) / t.group.channels for t in trials]
-    goal = config.flops * dense.total
-    target = dense.total - goal
+        per = [1.0] * len(trials)
+        target = config.global_sparsity * sum(t.group.channels for t in trials)
+    else:
+        per = [sum(dense.per_node.get(p, 0) for p in touched_nodes(t.group)) / t.group.channels for t in trials]
+        goal = config.flops * dense.total
+        target = dense.total - goal
+    options = [[(n * s, float(total[n])) for n in ns] for ns, s, total in zip(levels, per, totals)]
     for _ in range(20):
-        counts = [rounded(t.group, n, round_to) for t, n in zip(trials, allocate_channels(costs, savings, target))]
+        counts = [ns[j] for ns, j in zip(levels, cheapest_choice(options, target))]
+        if config.flops is None:
+            return counts
         left = flops_left(layers, [t.group for t in trials], [t.order for t in trials], counts, dense)
-        if left <= goal or all(n == len(c) for n, c in zip(counts, costs)):
+        if left <= goal or all(n == ns[-1] for n, ns in zip(counts, levels)):
             break
         target += left - goal
     if left > goal:
         warnings.warn(f"--flops {config.flops}: the groups that can be pruned leave "
                       f"{left / dense.total:.3f} of the FLOPs at most")
     return counts
+
+
+def _levels(t: Trial, round_to: int) -> list[int]:
+    """The removal counts a group may take: none, or any that keeps a whole multiple of channels."""
+    c, m = t.group.channels, unit_multiple(t.group, round_to)
+    return [0] + [n for n in range(1, len(t.costs) + 1) if (c - n) % m == 0 and c - n >= m]
 
 
 def flops_left(layers, groups: list[Group], orders, counts, dense: Flops) -> float:

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_lobs import LobsError, PruneConfig, prune
-from onnx_lobs.allocation import allocate, input_derived, removal_costs
+from onnx_lobs.allocation import allocate, cheapest_choice, input_derived, removal_costs
 from onnx_lobs.hessian import damped_inverse
 from tests.builders import make_model, mlp, small_cnn, tensor, vi
 
@@ -22,6 +22,31 @@ def test_allocate_takes_the_globally_cheapest():
     best = min((sum(c[:k].sum() for c, k in zip(costs, ks)), ks)
                for ks in np.ndindex(4, 3, 2) if sum(ks) == 4)[1]
     assert allocate(costs, 4) == list(best)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cheapest_choice_is_the_brute_force_optimum(seed):
+    """Against every combination: savings on a grid of the target's bins (so the rounding down
+    loses nothing), costs random and not convex."""
+    rng = np.random.default_rng(seed)
+    options = [[(0.0, 0.0)] + [(float(s), float(c)) for s, c in zip(np.sort(rng.choice(np.arange(1, 9), 3, False)),
+                                                                      np.cumsum(rng.random(3)))]
+               for _ in range(4)]
+    target = 12.0
+    combos = [ks for ks in np.ndindex(*(len(o) for o in options))
+              if sum(o[k][0] for o, k in zip(options, ks)) >= target]
+    best = min(sum(o[k][1] for o, k in zip(options, ks)) for ks in combos)
+    got = cheapest_choice(options, target, bins=120)
+    assert sum(o[k][0] for o, k in zip(options, got)) >= target
+    assert sum(o[k][1] for o, k in zip(options, got)) == pytest.approx(best)
+
+
+def test_cheapest_choice_takes_small_steps_where_a_big_one_would_pass_the_target():
+    # a greedy by cost per unit saved takes group 0's step (cost 5 for 10: 0.5 per unit), far past 3
+    options = [[(0.0, 0.0), (10.0, 5.0)], [(0.0, 0.0), (2.0, 1.5), (4.0, 3.5)]]
+    assert cheapest_choice(options, 3.0) == [0, 2]
+    assert cheapest_choice(options, 0.0) == [0, 0]
+    assert cheapest_choice(options, 99.0) == [1, 2]  # out of reach: everything
 
 
 def test_removal_costs_are_obs_costs_over_output_energy():

@@ -9,6 +9,8 @@ taking the globally cheapest weights is the best allocation of the removals for 
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from .graph import Layer, matches
@@ -80,6 +82,25 @@ def allocate(costs: list[np.ndarray], n_remove: int) -> list[int]:
     owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(costs)])
     order = np.argsort(flat, kind="stable")[:max(0, min(n_remove, flat.size))]
     return np.bincount(owner[order], minlength=len(costs)).tolist()
+
+
+def allocate_channels(costs: list[list[float]], savings: list[float], target: float) -> list[int]:
+    """Per-group removal counts: the cheapest next removal per unit saved, over all groups, until
+    `target` is saved. costs[g] are group g's successive removal costs (its greedy order: a group
+    only ever removes a prefix); savings[g] what one of its channels saves (1 for a channel count,
+    its FLOPs for a FLOPs target). It follows each group's order, so it never jumps to a far count
+    that a fitted cost curve promises cheap."""
+    taken = [0] * len(costs)
+    heap = [(c[0] / s, g) for g, (c, s) in enumerate(zip(costs, savings)) if c and s > 0]
+    heapq.heapify(heap)
+    saved = 0.0
+    while heap and saved < target:
+        _, g = heapq.heappop(heap)
+        taken[g] += 1
+        saved += savings[g]
+        if taken[g] < len(costs[g]):
+            heapq.heappush(heap, (costs[g][taken[g]] / savings[g], g))
+    return taken
 
 
 def cheapest_choice(options: list[list[tuple[float, float]]], target: float, bins: int = 2000) -> list[int]:

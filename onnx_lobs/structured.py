@@ -33,7 +33,7 @@ from .index import GraphIndex, read_ir
 from .rewrite.shrink import SetInput, ShrinkChannels, constant_array
 from .solve import Objective
 from .sensitivity import output_probe
-from .structured_allocation import ALLOCATIONS, Trial, choose_counts, touched_nodes, unit_multiple
+from .structured_allocation import ALLOCATIONS, Allocation, Trial, choose_counts, touched_nodes, unit_multiple
 from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
@@ -356,9 +356,10 @@ def _plan(groups: list[Group], config) -> list[_Active]:
     return active
 
 
-def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers, probe) -> list[_Active]:
+def _allocate(active: list[_Active], views: dict, config, dense: Flops, layers,
+              probe) -> tuple[list[_Active], Allocation]:
     """Counts per group (structured_allocation): each group's greedy run to the most it may lose
-    on copies of the views, then one model-wide ranking; probe(a, n) measures a group's effect on
+    on copies of the views, then one model-wide choice of counts; probe(a, n) measures a group's effect on
     the outputs when the allocation is by output."""
     trials = []
     for a in active:

@@ -5,7 +5,7 @@ of the FLOPs).
 The cost is the group's layer-wise OBS cost ("layer"), or that cost rescaled so that it predicts
 the group's measured effect on the model's outputs ("output", the default): each group is pruned
 alone to its allocated count, the held-out outputs are compared with the dense model's, and the
-ranking is taken again with the rescaled costs until the counts settle. Single-group output
+choice is made again with the rescaled costs until the counts settle. Single-group output
 errors add up to the whole model's (ResNet-50 at 70% of the FLOPs: 1.175e-5 summed, 1.166e-5
 measured together), which is what makes one sum over them right.
 """
@@ -25,11 +25,11 @@ from .channel_ops import is_depthwise
 from .cuts import removed_units
 from .flops import Flops
 from .groups import Group
-from .allocation import cheapest_choice
+from .allocation import allocate_channels, cheapest_choice
 from .solvers.channels import kept_count
 
 ALLOCATIONS = ("output", "layer")
-MAX_ROUNDS = 4  # rankings taken again with the costs measured at the counts of the last
+MAX_ROUNDS = 4  # choices made again with the costs measured at the counts of the last
 
 
 @dataclass
@@ -49,9 +49,10 @@ class Allocation:
     output_errors: list = field(default_factory=list)  # per group, measured at its count (or None)
     rounds: int = 0
     probes: int = 0
+    tried: list = field(default_factory=list)  # the predicted output rel L2 of each choice tried, in order
 
     def summary(self) -> dict:
-        out = {"by": self.by, "rounds": self.rounds, "probes": self.probes}
+        out = {"by": self.by, "rounds": self.rounds, "probes": self.probes, "tried": self.tried}
         if self.output_errors and all(e is not None for e in self.output_errors):
             out["predicted_rel_l2"] = math.sqrt(sum(self.output_errors))  # the sum of single-group errors
         return out
@@ -91,25 +92,34 @@ def choose_counts(trials: list[Trial], config, dense: Flops, layers,
         if n and (g, n) not in seen:
             seen[g, n] = measure(g, n)
             bar.update(1)
-    rounds = 0
+    rounds, tried = 0, []
     for rounds in range(1, MAX_ROUNDS + 1):
         for g, t in enumerate(trials):
             at(g, counts[g] or _probe_level(t, config.round_to))
+        tried.append(counts)
         costs = [_output_costs(t.costs, {n: e for (k, n), e in seen.items() if k == g})
                  for g, t in enumerate(trials)]
-        new = _counts(trials, costs, config, dense, layers)
+        new = _counts(trials, costs, config, dense, layers, greedy=True)
         if new == counts:
             break
         counts = new
-    for g, n in enumerate(counts):  # every group's error at its final count, for the report
-        at(g, n)
+    if counts not in tried:  # the rounds ran out before the counts settled
+        for g, n in enumerate(counts):
+            at(g, n)
+        tried.append(counts)
     bar.close()
+
+    def total(c: list[int]) -> float:
+        return sum(seen[g, n] for g, n in enumerate(c) if n)
+    # every choice tried meets the target, and each has all its groups measured: the curves are
+    # fitted through few points, so the best of the choices measured beats trusting the last one
+    counts = min(tried, key=total)
     errors = [seen[g, n] if n else 0.0 for g, n in enumerate(counts)]
-    return Allocation(counts, "output", errors, rounds, len(seen))
+    return Allocation(counts, "output", errors, rounds, len(seen), [math.sqrt(total(c)) for c in tried])
 
 
 def _probe_level(t: Trial, round_to: int) -> int:
-    """Where a group the ranking left alone is measured: a quarter of what it may lose, rounded."""
+    """Where a group the allocation left alone is measured: a quarter of what it may lose, rounded."""
     n = rounded(t.group, max(1, len(t.costs) // 4), round_to)
     return n if 0 < n <= len(t.costs) else (len(t.costs) if t.costs else 0)
 
@@ -127,13 +137,15 @@ def _output_costs(costs: list[float], points: dict[int, float]) -> list[float]:
     return list(np.diff(np.r_[0.0, curve]))
 
 
-def _counts(trials: list[Trial], costs: list[list[float]], config, dense: Flops, layers) -> list[int]:
-    """The cheapest counts over all groups (allocation.cheapest_choice), each a count that keeps a
-    whole multiple (--round-to). A FLOPs target is met exactly: a layer between two pruned groups
-    saves less than both estimates together, so the target is raised until the FLOPs the choice
-    leaves (exact: every counted op is bilinear in its input and output channels) are within it."""
+def _counts(trials: list[Trial], costs: list[list[float]], config, dense: Flops, layers,
+            greedy: bool = False) -> list[int]:
+    """Counts over all groups that keep whole multiples (--round-to): the least total cost that
+    reaches the target (allocation.cheapest_choice), or with greedy the cheapest next removal per
+    unit saved, rounded (allocation.allocate_channels; for fitted output curves, see
+    choose_counts). A FLOPs target is met exactly: a layer between two pruned groups saves less
+    than both estimates together, so the target is raised until the FLOPs the choice leaves
+    (exact: every counted op is bilinear in its input and output channels) are within it."""
     levels = [_levels(t, config.round_to) for t in trials]
-    totals = [np.r_[0.0, np.cumsum(c)] for c in costs]
     if config.flops is None:
         per = [1.0] * len(trials)
         target = config.global_sparsity * sum(t.group.channels for t in trials)
@@ -141,9 +153,15 @@ def _counts(trials: list[Trial], costs: list[list[float]], config, dense: Flops,
         per = [sum(dense.per_node.get(p, 0) for p in touched_nodes(t.group)) / t.group.channels for t in trials]
         goal = config.flops * dense.total
         target = dense.total - goal
+    totals = [np.r_[0.0, np.cumsum(c)] for c in costs]
     options = [[(n * s, float(total[n])) for n in ns] for ns, s, total in zip(levels, per, totals)]
+
+    def pick(target: float) -> list[int]:
+        if greedy:
+            return [rounded(t.group, n, config.round_to) for t, n in zip(trials, allocate_channels(costs, per, target))]
+        return [ns[j] for ns, j in zip(levels, cheapest_choice(options, target))]
     for _ in range(20):
-        counts = [ns[j] for ns, j in zip(levels, cheapest_choice(options, target))]
+        counts = pick(target)
         if config.flops is None:
             return counts
         left = flops_left(layers, [t.group for t in trials], [t.order for t in trials], counts, dense)

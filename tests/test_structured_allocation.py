@@ -39,6 +39,9 @@ def test_measured_output_errors_move_the_removals_to_the_group_the_outputs_do_no
     np.testing.assert_allclose(a.output_errors, [100.0, 28.0])
     assert len(calls) == len(set(calls)) == a.probes  # each (group, count) measured once
     np.testing.assert_allclose(a.summary()["predicted_rel_l2"], np.sqrt(128.0))
+    # the first choice tried is the layer-wise one (4 and 4: 100 * 10 + 10); the best measured is kept
+    np.testing.assert_allclose(a.tried[0], np.sqrt(1010.0))
+    assert min(a.tried) == a.summary()["predicted_rel_l2"]
 
 
 def _branches(seed=0):

@@ -168,6 +168,8 @@ def _counts(trials: list[Trial], costs: list[list[float]], config, dense: Flops,
         if left <= goal or all(n == ns[-1] for n, ns in zip(counts, levels)):
             break
         target += left - goal
+    if left > goal and greedy:  # rounding each count to its multiple can keep the greedy off the target
+        return _counts(trials, costs, config, dense, layers)
     if left > goal:
         warnings.warn(f"--flops {config.flops}: the groups that can be pruned leave "
                       f"{left / dense.total:.3f} of the FLOPs at most")

@@ -24,6 +24,7 @@ from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .runtime import make_session, output_names, run
 from .solve import solve_layer
 from .structured import check_config, prune_structured
+from .structured_allocation import ALLOCATIONS
 from .version import __version__
 from .solvers import METHODS
 
@@ -69,8 +70,8 @@ class PruneConfig:
             raise LobsError(f"--global must be in [0, 1), got {self.global_sparsity}")
         if self.global_sparsity is not None and (self.pattern is not None or self.max_error is not None):
             raise LobsError("--global cannot be combined with --pattern or --max-error")
-        if self.allocation not in (None, "output", "layer"):
-            raise LobsError(f"--allocation must be output or layer, got {self.allocation}")
+        if self.allocation not in (None,) + ALLOCATIONS:
+            raise LobsError(f"--allocation must be {' or '.join(ALLOCATIONS)}, got {self.allocation}")
         if self.allocation == "output" and not self.structured:
             raise LobsError("--allocation output works with --structured only so far "
                             "(unstructured --global allocates by layer-wise error)")

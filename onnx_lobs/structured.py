@@ -33,7 +33,7 @@ from .index import GraphIndex, read_ir
 from .rewrite.shrink import SetInput, ShrinkChannels, constant_array
 from .solve import Objective
 from .sensitivity import output_probe
-from .structured_allocation import ALLOCATIONS, Allocation, Trial, choose_counts, touched_nodes, unit_multiple
+from .structured_allocation import Allocation, Trial, choose_counts, touched_nodes, unit_multiple
 from .structured_checks import check_shrunk, fidelity, latency_feed, summary
 from .topology import layer_stages
 from .solvers.channels import (STRUCTURED_METHODS, Reader, View, kept_count, magnitude_scores, obs_channels,
@@ -115,8 +115,6 @@ def check_config(config) -> None:
         raise LobsError(f"--round-to must be at least 1, got {config.round_to}")
     if config.flops is not None and not 0 < config.flops <= 1:
         raise LobsError(f"--flops must be in (0, 1] (with --structured), got {config.flops}")
-    if config.allocation not in (None,) + ALLOCATIONS:
-        raise LobsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, not {config.allocation}")
     if config.allocation is not None and config.flops is None and config.global_sparsity is None:
         raise LobsError("--allocation decides between groups: give it with --flops or --global")
     if config.flops is not None and config.global_sparsity is not None:
@@ -181,7 +179,7 @@ def _output_probe(loaded, layers, views: dict, biases: dict, passed, config):
     """probe(a, n): the held-out output error of the model with only group a's first n removals
     of its trial (dense-shaped: the consumers' compensated weights written); None when the
     allocation is by layer-wise cost or there is nothing held out to measure on."""
-    if allocation_by(config) != "output":
+    if config.allocation == "layer":
         return None
     outputs = output_probe(passed.held_feeds, passed.held_dense, loaded.path)
     if outputs is None:
@@ -196,11 +194,6 @@ def _output_probe(loaded, layers, views: dict, biases: dict, passed, config):
         weights = {k: _to_layer(v_layer, trial[k].w) for k, v_layer in _consumers([a]).items()}
         return outputs.error(_rewrite(loaded.model, _bias_edits(biases, trial) + dense_edits(layers, weights)))
     return probe
-
-
-def allocation_by(config) -> str:
-    """How --flops/--global rank removals: by measured output error unless asked otherwise."""
-    return config.allocation or "output"
 
 
 def _consumers(active: list[_Active]) -> dict[int, Layer]:

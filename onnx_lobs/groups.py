@@ -12,7 +12,10 @@ op table understands is ever shrunk.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -83,7 +86,7 @@ def _refine(out: dict, light: ModelProto) -> None:
         bare.graph.initializer.remove(t)
         bare.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _elsewhere():
             warnings.simplefilter("ignore")
             sym = _shapes_of(SymbolicShapeInference.infer_shapes(bare, auto_merge=True))
     except Exception:  # a help only: what onnx inferred stands
@@ -93,6 +96,19 @@ def _refine(out: dict, light: ModelProto) -> None:
         if mine is None or len(mine) != len(shape):
             continue
         out[name] = tuple(b if isinstance(b, int) and not isinstance(a, int) else a for a, b in zip(mine, shape))
+
+
+@contextlib.contextmanager
+def _elsewhere():
+    """Where symbolic inference gives up it saves its partial model into the working directory:
+    the user's, unless it runs in a directory of its own."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnx-lobs-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(here)
 
 
 def _has_data(t: onnx.TensorProto) -> bool:

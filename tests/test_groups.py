@@ -157,3 +157,20 @@ def test_a_shape_read_blocks_only_when_it_reads_the_channel_count(axis, blocked)
     model = g.gap_head()
     why = {x.label: x for x in _groups(model)}[stem].blocked
     assert (why is not None and "channel count is read at run time" in why) == blocked, why
+
+
+def test_shape_inference_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """onnxruntime's symbolic inference saves its partial model to the working directory when it
+    gives up (here at an op it does not know): the user's directory must stay as it was."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 4])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Foo", ["y"], ["z"], domain="com.example")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [z], [w]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    monkeypatch.chdir(tmp_path)
+    assert static_shapes(model)["y"] == ("n", "t", 8)
+    assert list(tmp_path.iterdir()) == []

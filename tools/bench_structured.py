@@ -6,7 +6,7 @@ For each model and FLOPs target (the fraction of the dense FLOPs kept), onnx-lob
 onnxsim==0.8.1) with apply_structured_wanda_pruning and apply_structured_pruning, their channel
 sparsity found by bisection so that their FLOPs match ours (onnx-lobs's counter, flops.py).
 Printed per run: parameters, MFLOPs, file size, onnxruntime latency ratio dense / pruned at batch 1
-and batch 32 (2 threads, warm, interleaved, median), held-out relative L2 against the dense
+and batch 32 (2 threads, warm, the two models taking turns, median), held-out relative L2 against the dense
 model, and for the LeNets the MNIST test error.
 
     python tools/bench_structured.py                                # every model, F = 0.7 and 0.5
@@ -292,7 +292,7 @@ def main() -> None:
     ap.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     args = ap.parse_args()
     print(f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}; onnxruntime {ort.__version__}; "
-          f"latency: 2 threads, warm, interleaved, median over 3 s per batch size")
+          f"latency: 2 threads, warm, models taking turns after a pause, median over 3 s of runs per batch size")
     if args.lenet_retrain:
         lenet_retrain(args)
         return

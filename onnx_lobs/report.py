@@ -39,6 +39,7 @@ class LayerRecord:
     seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # reason, when the layer was not pruned
+    curve: list | None = None  # --global by output: the levels tried (output_allocation.Curve.record)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Report:
     versions: dict = field(default_factory=dict)
     groups: list | None = None  # structured: one record per channel group (structured.GroupRecord)
     summary: dict | None = None  # structured: the whole model before and after
+    allocation: dict | None = None  # unstructured --global: how the layers' targets were chosen
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))

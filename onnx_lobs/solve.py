@@ -99,8 +99,11 @@ def prepare(c: Collector) -> Problem:
     return p
 
 
-def solve_groups(p: Problem, target: float, config, nm, name: str) -> Solved:
-    """Every group through the configured solver (from W0 in sequential mode)."""
+def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list | None = None,
+                 damps: list | None = None) -> Solved:
+    """Every group through the configured solver (from W0 in sequential mode). Solves of one
+    problem at several targets share memos (per group, the factorisations made so far) and may
+    take the dampening an earlier solve chose (damps, per group) instead of the grid."""
     spec = SOLVERS[config.method]
     g, rows, cols = p.old.shape
     hp = p.hessians[0]
@@ -111,12 +114,13 @@ def solve_groups(p: Problem, target: float, config, nm, name: str) -> Solved:
     total = int(round(target * g * rows * cols))
     counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
-        start, memo = p.augmented(p.old, p.old_b, k), None
+        start, memo = p.augmented(p.old, p.old_b, k), None if memos is None else memos[k]
         if p.joint:
-            memo = {}  # shared with the solve below, which needs the same factorisation
+            memo = {} if memo is None else memo  # shared with the solve below, which needs the same factorisation
             start = _corrected_start(p, k, spec, config, memo, out)
         try:
-            sol = best_damped(spec, start, hp[k], config, counts[k], p.protect, nm, memo)
+            sol = best_damped(spec, start, hp[k], config, counts[k], p.protect, nm, memo,
+                              None if damps is None else damps[k])
         except LinAlgError:
             raise LobsError(f"layer {name}: its Hessian could not be regularised (inputs too large "
                             f"or not finite on the calibration data)") from None
@@ -185,11 +189,13 @@ def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecor
     record.dense_input_holdout_error = dense_hold_err if held is not None else None
 
 
-def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None) -> np.ndarray | None:
-    """Prune one layer in place; fills its record and returns the removed-weights mask."""
+def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,
+                solved: Solved | None = None) -> np.ndarray | None:
+    """Prune one layer in place (with `solved`, as solved already); fills its record and returns
+    the removed-weights mask."""
     t = time.perf_counter()
     problem = prepare(c)
-    solved = solve_groups(problem, target, config, nm, c.layer.name)
+    solved = solved or solve_groups(problem, target, config, nm, c.layer.name)
     record.notes += [n for n in solved.notes if n not in record.notes]
     stored, new, new_b, mask = write_back(c.layer, solved)
     measure(problem, new, new_b, c, record)  # what was stored: fp16/bf16 rounding included
@@ -202,7 +208,7 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     return mask
 
 
-def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None):
+def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=None):
     """Solve one matrix with the given dampening, or with the best of DAMP_GRID.
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
@@ -210,7 +216,7 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None):
     is walked upwards and stops at the first dampening that does worse than the one before:
     the error as a function of the dampening has one valley in practice, and each step costs a
     factorisation. The winner's factorisation is reused for the final solve (memo: the
-    factorisations of hk made so far).
+    factorisations of hk made so far). damp, when given, is used instead of the grid.
     """
     memo = {} if memo is None else memo
     solver = functools.partial(spec.solve, **spec.options)
@@ -225,8 +231,8 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None):
         n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
         return Target(n_prune=n, protect=protect, damp=damp, memo=memo)
 
-    if config.damp is not None or spec.fixed_damp is not None:
-        damp = config.damp if config.damp is not None else spec.fixed_damp
+    if damp is not None or config.damp is not None or spec.fixed_damp is not None:
+        damp = next(d for d in (damp, config.damp, spec.fixed_damp) if d is not None)
         return solver(wk, hk, target(wk, damp))
     sub = wk if wk.shape[0] <= 2 * DAMP_ROWS else wk[np.linspace(0, wk.shape[0] - 1, DAMP_ROWS).astype(int)]
     best = best_score = None

@@ -131,4 +131,8 @@ def test_global_counts_explicit_and_excluded_layers():
 def test_global_conflicts_are_user_errors():
     model = mlp(np.random.default_rng(0))
     with pytest.raises(LobsError, match="--global cannot be combined"):
-        prune(model, "random", PruneConfig(global_sparsity=0.5, pattern=(2, 4)))
+        prune(model, "random", PruneConfig(global_sparsity=0.5, max_error=0.1))
+    with pytest.raises(LobsError, match="needs --allocation output"):
+        prune(model, "random", PruneConfig(global_sparsity=0.5, pattern=(2, 4), allocation="layer"))
+    with pytest.raises(LobsError, match="decides between layers"):
+        prune(model, "random", PruneConfig(allocation="output"))

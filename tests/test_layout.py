@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "onnx_lobs"
 LAYERS = [
     "version", "errors", "atomic", "hessian", "layers", "solvers", "modelio", "runtime", "index", "rewrite", "graph",
     "channel_ops", "channel_layout", "groups", "flops", "cuts", "calibration", "activations", "segments", "topology", "allocation", "report", "solve", "evaluate",
-    "sensitivity", "structured_checks", "structured_allocation", "structured", "pruning", "roundtrip", "retrain", "cli", "__init__", "__main__",
+    "sensitivity", "output_allocation", "structured_checks", "structured_allocation", "structured", "pruning", "roundtrip", "retrain", "cli", "__init__", "__main__",
 ]
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80

@@ -322,7 +322,9 @@ MODELS = {
 CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the peer's SparseGPT
     "default": {},
     "sparsegpt": {"method": "sparsegpt"},
-    "sparsegpt-global": {"method": "sparsegpt", "global": True},
+    "sparsegpt-global": {"method": "sparsegpt", "global": True, "allocation": "layer"},
+    "sparsegpt-output": {"method": "sparsegpt", "global": True, "allocation": "output"},
+    "sparsegpt-output-seq": {"method": "sparsegpt", "global": True, "allocation": "output", "sequential": True},
     "sparsegpt-seq": {"method": "sparsegpt", "sequential": True},
     "obc": {"method": "obc"},
     "onnxsim": None,
@@ -359,8 +361,9 @@ def pruned_by(config: str, model, calib, target, real: Real):
         return onnxsim.apply_sparsegpt_pruning(model, calibration_data=calib, num_samples=len(calib), **nm)
     fields = dict(CONFIGS[config])
     kw = {"pattern": target} if isinstance(target, tuple) else {"sparsity": target}
-    if fields.pop("global", False):
-        kw = {"global_sparsity": target}
+    if fields.pop("global", False):  # under N:M: which layers take the pattern, all of them if they can
+        kw = {"global_sparsity": target} if not isinstance(target, tuple) else \
+            {"pattern": target, "global_sparsity": 1 - target[0] / target[1]}
     cfg = PruneConfig(**fields, **kw, exclude=list(real.exclude), batch_size=8)
     return prune(model, Reader(calib), cfg).model
 

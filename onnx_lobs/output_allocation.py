@@ -1,0 +1,201 @@
+"""--global allocated by the model's outputs (unstructured and N:M): each layer is solved alone at a
+few sparsities, its effect on the held-out outputs is measured, and the levels whose summed output
+error is least for the overall target are chosen (a multiple-choice knapsack,
+allocation.cheapest_choice).
+
+Layer-wise errors do not say what reaches the output (sensitivity.py), so a layer's curve is its
+exact layer-wise error at each level times a gain, the measured output error over the layer-wise
+one, interpolated between the levels measured. Each layer is first measured at the level nearest
+the target; the choice is then made again with each chosen level measured too, until it settles,
+and the best choice measured wins. Single-layer output errors add up to the whole model's
+(measured beside the choice as `predicted_rel_l2` against the verified rel L2), which is what
+makes one sum over them right. In independent mode the chosen levels' solves are kept and
+written as they are; in sequential mode only the levels are, and the layers are solved on the
+pruned model's inputs as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from .allocation import cheapest_choice
+from .graph import write_tensor
+from .solve import Solved, prepare, solve_groups, write_back
+
+MAX_ROUNDS = 4  # choices made again with each chosen level measured
+SPREAD = (0.5, 0.75, 1.0)  # levels below the target, as fractions of it
+ABOVE = (0.25, 0.5, 0.75)  # levels above it, as fractions of what is left above it
+
+
+@dataclass
+class Curve:
+    """One layer's levels: its sparsities, the weights each removes, its exact layer-wise error
+    (relative to its output energy) and, where measured, the output error it causes alone."""
+
+    work: object  # pruning._Work
+    collector: object  # the Collector whose dense-input Hessians the levels were solved with
+    levels: list[float]
+    removed: list[int]
+    layer_errors: list[float]  # absolute, as the solver's objective measures it
+    energy: float
+    solved: list  # Solved per level (None at level 0)
+    measured: dict[int, float] = field(default_factory=dict)  # level index -> output error
+    seed: int = 0  # the level index the layer-wise allocation chose (0: none given)
+
+    def predicted(self) -> list[float]:
+        """Output error per level: the layer-wise one times the gain interpolated in level index
+        (measured levels as measured)."""
+        known = sorted(j for j in self.measured if self.layer_errors[j] > 0)
+        if not known:  # nothing this layer removes changes its output: free at every level
+            return [self.measured.get(j, 0.0) for j in range(len(self.levels))]
+        gains = [self.measured[j] / self.layer_errors[j] for j in known]
+        gain = np.interp(np.arange(len(self.levels)), known, gains)
+        return [self.measured.get(j, float(g * e)) for j, (g, e) in enumerate(zip(gain, self.layer_errors))]
+
+    def record(self, chosen: int) -> list[dict]:
+        pred = self.predicted()
+        return [{"sparsity": s, "layer_rel_error": (e / self.energy if self.energy > 0 else 0.0),
+                 "output_error": self.measured.get(j), "predicted_output_error": pred[j], "chosen": j == chosen}
+                for j, (s, e) in enumerate(zip(self.levels, self.layer_errors))]
+
+
+@dataclass
+class OutputAllocation:
+    chosen: list[int]  # level index per curve
+    rounds: int
+    probes: int
+    tried: list[float]  # the summed measured output rel L2 of each choice, in order
+
+    def summary(self, curves: list[Curve]) -> dict:
+        total = sum(c.measured.get(j, 0.0) for c, j in zip(curves, self.chosen))
+        return {"by": "output", "rounds": self.rounds, "probes": self.probes, "tried": self.tried,
+                "predicted_rel_l2": math.sqrt(total)}
+
+
+def levels_for(target: float, nm: bool, seed: float | None = None) -> list[float]:
+    """Level 0, then sparsities around the target and the seed (the pattern's alone under N:M)."""
+    if nm:
+        return [0.0, target]
+    below = [target * f for f in SPREAD]
+    above = [target + (1 - target) * f for f in ABOVE]
+    levels = {round(s, 6) for s in below + above if 0 < s < 1}
+    if seed:  # the layer-wise allocation may take a whole layer
+        levels.add(round(min(seed, 1.0), 6))
+    return [0.0] + sorted(levels)
+
+
+def build_curves(free, collectors, config, probe, model, seeds) -> list[Curve]:
+    """Each free layer solved at its levels (one factorisation per dampening, shared by the
+    levels) and measured at its seed (the layer-wise allocation's level) or the level nearest the
+    target."""
+    curves = []
+    bar = tqdm(free, desc="solving levels", unit="layer", disable=None if config.progress else True,
+               file=sys.stderr, leave=False)
+    for w, c, seed in zip(free, collectors, seeds):
+        if c.calib.n == 0:
+            continue
+        problem = prepare(c)
+        nm = w.nm is not None
+        target = (1 - config.pattern[0] / config.pattern[1]) if nm else config.global_sparsity
+        levels = levels_for(target, nm, seed)
+        curve = Curve(w, c, levels, [0] * len(levels), [0.0] * len(levels), sum(o.energy for o in problem.objectives),
+                      [None] * len(levels))
+        first = seed if seed else target
+        curve.seed = min(range(1, len(levels)), key=lambda j: abs(levels[j] - seed)) if seed else 0
+        nearest = min(range(1, len(levels)), key=lambda j: abs(levels[j] - first))
+        # the dampening is chosen at the level measured first and kept at the others: the grid
+        # would cost each level its own factorisations
+        memos, damps = [{} for _ in range(problem.old.shape[0])], None
+        for j in [nearest] + [j for j in range(1, len(levels)) if j != nearest]:
+            solved = solve_groups(problem, levels[j], config, w.nm, w.layer.name, memos, damps)
+            damps = damps or solved.damps
+            curve.removed[j] = int(solved.pruned.sum())
+            curve.layer_errors[j] = _error(problem, solved)
+            curve.solved[j] = solved
+        del memos
+        curve.measured[nearest] = _probe(probe, model, w.layer, curve.solved[nearest])
+        curves.append(curve)
+        bar.update(1)
+    bar.close()
+    return curves
+
+
+def choose(curves: list[Curve], wanted: int, probe, model, config) -> OutputAllocation:
+    """Levels of least predicted output error that remove at least `wanted` weights, made again
+    with the chosen levels measured, the best measured choice kept."""
+    bar = tqdm(desc="allocating by output", unit="probe", disable=None if config.progress else True,
+               file=sys.stderr, leave=False)
+    tried, chosen, rounds = [], None, 0
+    if any(c.seed for c in curves):  # the layer-wise choice, measured as build_curves left it
+        tried.append([c.seed for c in curves])
+    for rounds in range(1, MAX_ROUNDS + 1):
+        options = [list(zip(c.removed, c.predicted())) for c in curves]
+        chosen = cheapest_choice(options, float(wanted))
+        for c, j in zip(curves, chosen):
+            if j and j not in c.measured:
+                c.measured[j] = _probe(probe, model, c.work.layer, c.solved[j])
+                bar.update(1)
+        if chosen in tried:
+            break
+        tried.append(chosen)
+    bar.close()
+
+    def total(ch):
+        return sum(c.measured.get(j, 0.0) for c, j in zip(curves, ch))
+    best = min(tried, key=total)
+    sums = [math.sqrt(total(ch)) for ch in tried]
+    _trim(curves, best, wanted, probe, model, config)
+    probes = sum(len(c.measured) for c in curves)
+    return OutputAllocation(best, rounds, probes, sums)
+
+
+def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, config) -> None:
+    """The levels are discrete, so the choice may remove more than asked: the layer whose last step
+    costs the most output error per weight gives the excess back, solved again at its exact count
+    (added to its curve as a level of its own, and chosen)."""
+    excess = sum(c.removed[j] for c, j in zip(curves, chosen)) - wanted
+    if excess <= 0:
+        return
+    cands = [(i, c, j) for i, (c, j) in enumerate(zip(curves, chosen))
+             if j and c.removed[j] - excess > c.removed[j - 1]]
+    if not cands:
+        return
+
+    def slope(item):
+        _, c, j = item
+        pred = c.predicted()
+        return (pred[j] - pred[j - 1]) / max(c.removed[j] - c.removed[j - 1], 1)
+    i, c, j = max(cands, key=slope)
+    level = (c.removed[j] - excess) / (c.solved[j].pruned.size)
+    problem = prepare(c.collector)
+    solved = solve_groups(problem, level, config, c.work.nm, c.work.layer.name, None, c.solved[j].damps)
+    c.levels.insert(j, level)
+    c.removed.insert(j, int(solved.pruned.sum()))
+    c.layer_errors.insert(j, _error(problem, solved))
+    c.solved.insert(j, solved)
+    c.measured = {(k + 1 if k >= j else k): e for k, e in c.measured.items()}
+    c.measured[j] = _probe(probe, model, c.work.layer, solved)
+    c.seed += c.seed >= j and c.seed > 0
+    chosen[i] = j
+
+
+def _error(problem, solved: Solved) -> float:
+    return sum(problem.objectives[k].error(problem.augmented(solved.new, solved.new_b, k))
+               for k in range(problem.old.shape[0]))
+
+
+def _probe(probe, model, layer, solved: Solved) -> float:
+    """The output error of the model with this layer alone as solved (its dense tensors restored)."""
+    weight, bias = layer.read(), layer.read_bias()
+    try:
+        write_back(layer, solved)
+        return probe.error(model)
+    finally:
+        write_tensor(layer.weight, weight)
+        if bias is not None:
+            write_tensor(layer.bias, bias)

@@ -1,0 +1,96 @@
+"""--global by the outputs (output_allocation): the target met, the levels' solves kept as they
+are, the layer-wise choice never beaten by a worse one, N:M choosing layers, sequential mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lobs import PruneConfig, prune
+from onnx_lobs.output_allocation import Curve, levels_for
+from onnx_lobs.graph import find_layers
+from onnx_lobs.modelio import as_loaded
+from tests.builders import mlp
+
+
+def _data(rng, n=600, width=24):
+    # low-rank inputs make fc1 far more redundant than the rest
+    return (rng.standard_normal((n, 4)) @ rng.standard_normal((4, width))
+            + 0.05 * rng.standard_normal((n, width))).astype(np.float32)
+
+
+def _weights(model):
+    return {layer.name: layer.read() for layer in find_layers(as_loaded(model))[0]}
+
+
+def test_levels_surround_the_target():
+    assert levels_for(0.5, False) == [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
+    assert levels_for(0.5, False, 0.3) == [0.0, 0.25, 0.3, 0.375, 0.5, 0.625, 0.75, 0.875]
+    assert levels_for(0.5, True) == [0.0, 0.5]
+
+
+def test_predicted_interpolates_the_gain_between_measured_levels():
+    c = Curve(None, None, [0, 0.25, 0.5, 0.75], [0, 10, 20, 30], [0.0, 1.0, 2.0, 4.0], 1.0, [None] * 4)
+    c.measured = {1: 0.5, 3: 8.0}  # gains 0.5 and 2
+    assert c.predicted() == pytest.approx([0.0, 0.5, 2.0 * 1.25, 8.0])
+    c.measured = {2: 1.0}  # one gain, 0.5, everywhere
+    assert c.predicted() == pytest.approx([0.0, 0.5, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_output_allocation_meets_the_target_and_keeps_its_solves(target):
+    rng = np.random.default_rng(2)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    x = _data(rng)
+    cfg = dict(global_sparsity=target, default_exclude=False, method="sparsegpt", damp=0.01)
+    out = prune(model, {"x": x}, PruneConfig(**cfg))
+    rep = out.report
+    assert rep.allocation["by"] == "output" and rep.allocation["probes"] >= 3
+    assert rep.sparsity == pytest.approx(target, abs=2e-3)
+    layers = [r for r in rep.layers if r.params]
+    assert all(r.curve and sum(p["chosen"] for p in r.curve) == 1 for r in layers)
+    assert len({round(r.sparsity, 3) for r in layers}) > 1
+    # the choice is the best measured of those tried, the layer-wise one first among them
+    assert rep.allocation["predicted_rel_l2"] <= rep.allocation["tried"][0] + 1e-12
+    # single-layer output errors add up to the whole model's
+    assert rep.allocation["measured_rel_l2"] == pytest.approx(rep.allocation["predicted_rel_l2"], rel=0.5)
+    # the stored weights are the levels' own solves: solving each layer afresh at its chosen
+    # sparsity (same dampening) gives the same weights
+    again = prune(model, {"x": x}, PruneConfig(method="sparsegpt", damp=0.01, default_exclude=False,
+                                               layer_sparsity={r.name: r.target_sparsity for r in layers}))
+    for name, w in _weights(out.model).items():
+        np.testing.assert_allclose(w, _weights(again.model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_allocation_stays_behind_its_flag():
+    rng = np.random.default_rng(2)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    rep = prune(model, {"x": _data(rng)}, PruneConfig(global_sparsity=0.6, default_exclude=False,
+                                                      method="sparsegpt", allocation="layer")).report
+    assert rep.allocation["by"] == "layer" and all(r.curve is None for r in rep.layers)
+    assert rep.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+def test_nm_global_chooses_which_layers_take_the_pattern():
+    rng = np.random.default_rng(4)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    out = prune(model, {"x": _data(rng)}, PruneConfig(pattern=(2, 4), global_sparsity=0.3, method="sparsegpt",
+                                             default_exclude=False))
+    layers = [r for r in out.report.layers if r.params and r.skipped is None]
+    taken = [r for r in layers if r.target_sparsity]
+    assert 0 < len(taken) < len(layers)
+    assert out.report.sparsity >= 0.3 - 1e-3
+    for layer in find_layers(as_loaded(out.model))[0]:
+        w = layer.read()
+        rec = next(r for r in layers if r.name == layer.name)
+        assert (np.mean(w == 0) >= 0.5 - 1e-9) == bool(rec.target_sparsity)
+
+
+def test_sequential_output_allocation_meets_the_target():
+    rng = np.random.default_rng(2)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    rep = prune(model, {"x": _data(rng)}, PruneConfig(global_sparsity=0.6, default_exclude=False,
+                                                      method="sparsegpt", sequential=True)).report
+    assert rep.allocation["by"] == "output"
+    assert rep.sparsity == pytest.approx(0.6, abs=2e-3)
+    assert all(r.corrected_error is not None for r in rep.layers if r.params and r.target_sparsity)

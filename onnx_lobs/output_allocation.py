@@ -94,7 +94,7 @@ def build_curves(free, collectors, config, probe, model, seeds) -> list[Curve]:
     levels) and measured at its seed (the layer-wise allocation's level) or the level nearest the
     target."""
     curves = []
-    bar = tqdm(free, desc="solving levels", unit="layer", disable=None if config.progress else True,
+    bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
     for w, c, seed in zip(free, collectors, seeds):
         if c.calib.n == 0:
@@ -180,7 +180,6 @@ def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, con
     c.solved.insert(j, solved)
     c.measured = {(k + 1 if k >= j else k): e for k, e in c.measured.items()}
     c.measured[j] = _probe(probe, model, c.work.layer, solved)
-    c.seed += c.seed >= j and c.seed > 0
     chosen[i] = j
 
 

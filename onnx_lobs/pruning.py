@@ -125,9 +125,9 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
         if work else None
     timings["load"] = time.perf_counter() - t
 
-    masks, held, allocations = {}, None, [None]
+    masks, held, allocation = {}, None, None
     if work:
-        held = _calibrate_and_solve(loaded, work, records, source, config, timings, masks, allocations)
+        held, allocation = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -145,10 +145,10 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
                               held.held_dense if held else [])
     timings["verify"] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
+    if allocation is not None and fidelity is not None:
+        allocation["measured_rel_l2"] = fidelity.get("rel_l2")
     report = Report(records, overall_sparsity([r for r in records if r.params], zeros),
-                    _config_dict(config), timings, fidelity, bound, samples, versions(), allocation=allocations[0])
-    if allocations[0] is not None and fidelity is not None:
-        allocations[0]["measured_rel_l2"] = fidelity.get("rel_l2")
+                    _config_dict(config), timings, fidelity, bound, samples, versions(), allocation=allocation)
     return PruneResult(loaded.model, report, masks, bool(loaded.external))
 
 
@@ -203,12 +203,9 @@ def _allocate(loaded, work, collectors, records, config, held) -> dict:
     probe = None
     if config.allocation != "layer":
         probe = None if over_limit(loaded.model) else output_probe(held.held_feeds, held.held_dense, loaded.path)
-        if probe is None and config.allocation == "output":
-            raise LobsError(f"{loaded.path or 'model'}: --allocation output needs held-out samples (and a "
-                            f"model under 2 GB to probe); give more calibration data or --allocation layer")
-    if probe is None and config.pattern is not None:
-        raise LobsError(f"{loaded.path or 'model'}: --global with --pattern measures each layer's effect on "
-                        f"held-out outputs: give more calibration data (a model under 2 GB)")
+    if probe is None and (config.allocation == "output" or config.pattern is not None):
+        raise LobsError(f"{loaded.path or 'model'}: --allocation output (and --global with --pattern) needs "
+                        f"held-out samples and a model under 2 GB to probe; give more calibration data")
     if probe is None:
         _allocate_globally(work, collectors, records, config)
         return {"by": "layer"}
@@ -260,7 +257,7 @@ def _allocate_globally(work, collectors, records, config) -> None:
         w.record.target_sparsity = w.target
 
 
-def _calibrate_and_solve(loaded, work, records, source, config, timings, masks, allocations) -> PassResult:
+def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) -> tuple[PassResult, dict | None]:
     """Independent mode: one pass, then every solve. Sequential: per stage, a pass and its solves
     (by graph segments, segments.py, unless a layer input lives in a subgraph: whole passes).
 
@@ -276,16 +273,16 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks, 
         t = time.perf_counter()
         dense = Session(dense_model, [w.collector for w in work], loaded.path)
         timings["prepare"] = time.perf_counter() - t
-    held = None
+    held = allocation = None
     if config.global_sparsity is not None:
         plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
         held = _checked(collect(dense, None, plain, source, _reading(config), timings, keep_held=True), source)
         t = time.perf_counter()
-        allocations[0] = _allocate(loaded, work, plain, records, config, held)
+        allocation = _allocate(loaded, work, plain, records, config, held)
         timings["allocate"] = time.perf_counter() - t
     if segments is not None:
         return _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
-                                       config, timings, masks, held)
+                                       config, timings, masks, held), allocation
     for k, stage in enumerate(stages):
         todo = work if stage is None else [by_layer[id(layer)] for layer in stage]
         if stage is not None or held is None:
@@ -302,7 +299,7 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks, 
         for w in todo:
             _solve(w, config, masks)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-    return held
+    return held, allocation
 
 
 def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,

@@ -23,6 +23,7 @@ from scipy.linalg import LinAlgError, blas, lapack
 # Rows per float32 product on the fast path: rounding grows with the rows summed in float32, so
 # longer inputs are cut into products of at most this many rows, each added into float64.
 FAST_ROWS = 8192
+BATCHED_COLS = 64  # groups at most this wide are multiplied as one stack
 
 
 class HessianAccumulator:
@@ -48,7 +49,14 @@ class HessianAccumulator:
         groups, n, cols = x.shape
         if self.bias:
             self._x += np.einsum("gij->gj", x, dtype=np.float64)  # float64 sums (einsum: the fastest)
-        if fast:
+        if groups > 1 and cols <= BATCHED_COLS:
+            # Many small groups (depthwise and grouped convs): one stacked product for them all,
+            # not a BLAS call per group, whose overhead would dwarf its work.
+            step = FAST_ROWS if fast else n
+            for i in range(0, n, step):
+                xt = x[:, i:i + step].transpose(0, 2, 1)
+                self._xx += np.triu(np.matmul(xt, xt.transpose(0, 2, 1)))
+        elif fast:
             # One float32 scratch per call: syrk writes the upper triangle of scratch.T, the rest
             # stays 0, so adding it whole leaves the total's lower triangle 0 too.
             scratch = np.zeros((cols, cols), np.float32, order="F")

@@ -20,7 +20,7 @@ from .errors import LobsError
 from .graph import write_tensor
 from .hessian import damped_solve, layer_error
 from .report import LayerRecord
-from .solvers import SOLVERS, Target
+from .solvers import SOLVERS, Target, batched
 from .solvers.factors import times_inverse
 
 # With damp=None each layer takes the dampening, of these, whose result has the lowest layer-wise
@@ -112,6 +112,9 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     # The layer's count, spread over its groups (the first ones take the remainder), so that
     # many small groups (depthwise convs) still reach the layer's target.
     total = int(round(target * g * rows * cols))
+    if nm is None and config.max_error is None and batched.fits(spec.name, g, rows, cols + (p.old_b is not None),
+                                                                 spec.options.get("block", 128)):
+        return _solve_stacked(p, total, config, spec, name, damps)
     counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
         start, memo = p.augmented(p.old, p.old_b, k), None if memos is None else memos[k]
@@ -132,6 +135,43 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
         out.predicted += sol.predicted_loss
         out.damps.append(sol.damp)
         out.notes += [n for n in sol.notes if n not in out.notes]
+    return out
+
+
+def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list | None) -> Solved:
+    """Every group at once (solvers/batched.py), the count spread over the groups by cost; the
+    dampening is chosen for the whole layer, on the same grid and walk as best_damped's."""
+    g, rows, cols = p.old.shape
+    old = p.old if p.old_b is None else np.concatenate([p.old, p.old_b[:, :, None]], axis=2)
+    hp = p.hessians[0]
+    out = Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
+                 np.zeros(p.old.shape, bool))
+    start = old
+    if p.joint:  # sequential mode's start W0 = W C Hd^-1, dead inputs kept dense (_corrected_start)
+        hinv, dead = batched.inverse(hp, W0_DAMP)
+        start = np.where(dead[:, None, :], old, np.matmul(np.matmul(old, p.hessians[1]), hinv))
+        out.start_err = sum(o.error(old[k]) for k, o in enumerate(p.objectives))
+        out.w0_err = sum(o.error(start[k]) for k, o in enumerate(p.objectives))
+    removable = np.ones(old.shape[2], bool) if p.protect is None else ~p.protect
+    fixed = next((d for d in ((damps or [None])[0], config.damp, spec.fixed_damp) if d is not None), None)
+    best = best_err = None
+    try:
+        for damp in DAMP_GRID if fixed is None else (fixed,):
+            sol = batched.SOLVE[spec.name](start, hp, total, removable, damp)
+            err = batched.error(start, sol.weights, hp)
+            if best is not None and err > best_err:
+                break
+            if best is None or err < best_err:
+                best, best_err = sol, err
+    except LinAlgError:
+        raise LobsError(f"layer {name}: its Hessian could not be regularised (inputs too large "
+                        f"or not finite on the calibration data)") from None
+    if not np.all(np.isfinite(best.weights)):
+        raise AssertionError(f"{name}: solver produced non-finite weights")
+    out.new[...], out.pruned[...] = best.weights[:, :, :cols], best.pruned[:, :, :cols]
+    if out.new_b is not None:
+        out.new_b[...] = best.weights[:, :, cols]
+    out.predicted, out.damps, out.notes = best.predicted, [best.damp] * g, list(best.notes)
     return out
 
 

@@ -38,7 +38,7 @@ def batches(rng, groups, cols, sizes, offset=0.0):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("groups,cols", [(1, 5), (3, 4), (4, 1)])
+@pytest.mark.parametrize("groups,cols", [(1, 5), (3, 4), (4, 1), (2, 70)])  # 70: per group, past BATCHED_COLS
 def test_accumulator_equals_xtx_over_n(groups, cols, bias):
     rng = np.random.default_rng(groups * 10 + cols + bias)
     parts = batches(rng, groups, cols, [7, 1, 12, 3], offset=0.7)
@@ -345,7 +345,7 @@ def _fast_and_exact(node, x_batches, weight_shape, bias=True):
     return fast.hessian(), exact.hessian()
 
 
-@pytest.mark.parametrize("kernel,stride,group", [(3, 1, 1), (1, 1, 1), (3, 2, 1), (3, 1, 16)])
+@pytest.mark.parametrize("kernel,stride,group", [(3, 1, 1), (1, 1, 1), (3, 2, 1), (3, 1, 16), (3, 1, 32)])
 def test_fast_accumulation_matches_float64_on_post_relu_conv_columns(kernel, stride, group):
     """Several batches of im2col columns (more rows than FAST_ROWS per batch): the float32
     products stay within 1e-6 of float64, relative to H and also to its centered part."""

@@ -173,3 +173,34 @@ def test_measure_gives_the_direct_mean_squared_output_change():
     assert record.error == pytest.approx(direct, rel=1e-9)
     assert record.holdout_error == pytest.approx(held, rel=1e-9)
     assert record.rel_error == pytest.approx(direct / energy, rel=1e-9)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_stacked_groups_are_least_squares_refits_of_what_each_row_keeps(joint):
+    """A grouped layer solved as one stack (solvers/batched.py): the layer's count is met, the
+    bias is kept, and each row's kept weights are the exact refit of the dense outputs from that
+    row's kept inputs; in sequential mode, of the start W0's outputs (W0 = W C H_p^-1, damped
+    as the per-group path damps it) from the pruned inputs."""
+    from onnx_lobs.hessian import damped_solve
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solve import W0_DAMP, prepare, solve_groups
+    from onnx_lobs.solvers import batched
+
+    _, layer, c, x, xp = _collected(dtype=np.float64, groups=3, joint=joint)
+    p = prepare(c)
+    g, rows, cols = p.old.shape
+    assert batched.fits("obc", g, rows, cols + 1)
+    out = solve_groups(p, 0.5, PruneConfig(method="obc", damp=0.0), None, layer.name)
+    assert int(out.pruned.sum()) == round(0.5 * p.old.size)
+    ad = _rows(x, layer)
+    ap = ad if xp is None else _rows(xp, layer)
+    for k in range(g):
+        w = np.c_[p.old[k], p.old_b[k]]
+        if joint:
+            w = damped_solve(p.hessians[0][k], W0_DAMP, (w @ p.hessians[1][k]).T).T
+        new = np.c_[out.new[k], out.new_b[k]]
+        for i in range(rows):
+            keep = np.r_[~out.pruned[k, i], True]
+            ref = np.linalg.lstsq(ap[:, k][:, keep], ap[:, k] @ w[i], rcond=None)[0]
+            np.testing.assert_allclose(new[i, keep], ref, rtol=1e-6, atol=1e-8)
+            assert (new[i, ~keep] == 0).all()

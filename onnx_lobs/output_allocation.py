@@ -1,17 +1,17 @@
 """--global allocated by the model's outputs (unstructured and N:M): each layer is solved alone at a
 few sparsities, its effect on the held-out outputs is measured, and the levels whose summed output
-error is least for the overall target are chosen (a multiple-choice knapsack,
+error is least for the overall target are proposed (a multiple-choice knapsack,
 allocation.cheapest_choice).
 
 Layer-wise errors do not say what reaches the output (sensitivity.py), so a layer's curve is its
 exact layer-wise error at each level times a gain, the measured output error over the layer-wise
-one, interpolated between the levels measured. Each layer is first measured at the level nearest
-the target; the choice is then made again with each chosen level measured too, until it settles,
-and the best choice measured wins. Single-layer output errors add up to the whole model's
-(measured beside the choice as `predicted_rel_l2` against the verified rel L2), which is what
-makes one sum over them right. In independent mode the chosen levels' solves are kept and
-written as they are; in sequential mode only the levels are, and the layers are solved on the
-pruned model's inputs as usual.
+one, interpolated between the levels measured. Each layer is first measured at the uniform level
+(every layer at the overall target); the choice is then made again with each chosen level
+measured too, until it settles. Single-layer errors add up to the whole model's only roughly, so
+every choice made, and the uniform one, is then measured on the whole pruned model and the best
+kept: the allocation never does worse on the probe than pruning every layer alike. In
+independent mode the chosen levels' solves are kept and written as they are; in sequential mode
+only the levels are, and the layers are solved on the pruned model's inputs as usual.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ from tqdm import tqdm
 
 from .allocation import cheapest_choice
 from .graph import write_tensor
+from .sensitivity import feeds_for
 from .solve import Solved, prepare, solve_groups, write_back
 
 MAX_ROUNDS = 4  # choices made again with each chosen level measured
+# A layer alone is probed on this many samples (the gains it sets only propose choices); the
+# choices are confirmed on all of the probe's
+SINGLE_SAMPLES = 16
 SPREAD = (0.5, 0.75, 1.0)  # levels below the target, as fractions of it
 ABOVE = (0.25, 0.5, 0.75)  # levels above it, as fractions of what is left above it
 
@@ -45,7 +49,6 @@ class Curve:
     energy: float
     solved: list  # Solved per level (None at level 0)
     measured: dict[int, float] = field(default_factory=dict)  # level index -> output error
-    seed: int = 0  # the level index the layer-wise allocation chose (0: none given)
 
     def predicted(self) -> list[float]:
         """Output error per level: the layer-wise one times the gain interpolated in level index
@@ -69,45 +72,49 @@ class OutputAllocation:
     chosen: list[int]  # level index per curve
     rounds: int
     probes: int
-    tried: list[float]  # the summed measured output rel L2 of each choice, in order
+    tried: list[float]  # the summed single-layer output rel L2 of each choice, in order
+    confirmed: dict[str, float]  # the whole pruned model's rel L2 per candidate (before the trim)
+    picked: str  # the candidate kept
 
     def summary(self, curves: list[Curve]) -> dict:
-        total = sum(c.measured.get(j, 0.0) for c, j in zip(curves, self.chosen))
+        total = sum(c.predicted()[j] for c, j in zip(curves, self.chosen))
         return {"by": "output", "rounds": self.rounds, "probes": self.probes, "tried": self.tried,
-                "predicted_rel_l2": math.sqrt(total)}
+                "confirmed": self.confirmed, "picked": self.picked, "predicted_rel_l2": math.sqrt(total)}
 
 
-def levels_for(target: float, nm: bool, seed: float | None = None) -> list[float]:
-    """Level 0, then sparsities around the target and the seed (the pattern's alone under N:M)."""
+def levels_for(target: float, nm: bool) -> list[float]:
+    """Level 0, then sparsities around the target (the uniform level, when layers left dense make
+    it differ from the overall one), the pattern's alone under N:M."""
     if nm:
         return [0.0, target]
     below = [target * f for f in SPREAD]
     above = [target + (1 - target) * f for f in ABOVE]
-    levels = {round(s, 6) for s in below + above if 0 < s < 1}
-    if seed:  # the layer-wise allocation may take a whole layer
-        levels.add(round(min(seed, 1.0), 6))
-    return [0.0] + sorted(levels)
+    return [0.0] + sorted({round(s, 6) for s in below + above if 0 < s < 1})
 
 
-def build_curves(free, collectors, config, probe, model, seeds) -> list[Curve]:
+def uniform_level(target: float, wanted: int, free_params: int) -> float | None:
+    """The sparsity that, in every free layer, removes `wanted`: the target unless layers left
+    dense or set explicitly hold weights the target counts."""
+    return round(min(wanted / free_params, 0.999), 6) if free_params and wanted > 0 else None
+
+
+def build_curves(free, collectors, config, probe, model, uniform: float | None = None) -> list[Curve]:
     """Each free layer solved at its levels (one factorisation per dampening, shared by the
-    levels) and measured at its seed (the layer-wise allocation's level) or the level nearest the
-    target."""
+    levels) around the uniform level (every layer alike removing the overall target: one of the
+    candidates), and measured there."""
     curves = []
     bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
-    for w, c, seed in zip(free, collectors, seeds):
+    for w, c in zip(free, collectors):
         if c.calib.n == 0:
             continue
         problem = prepare(c)
         nm = w.nm is not None
-        target = (1 - config.pattern[0] / config.pattern[1]) if nm else config.global_sparsity
-        levels = levels_for(target, nm, seed)
+        target = (1 - config.pattern[0] / config.pattern[1]) if nm else (uniform or config.global_sparsity)
+        levels = levels_for(target, nm)
         curve = Curve(w, c, levels, [0] * len(levels), [0.0] * len(levels), sum(o.energy for o in problem.objectives),
                       [None] * len(levels))
-        first = seed if seed else target
-        curve.seed = min(range(1, len(levels)), key=lambda j: abs(levels[j] - seed)) if seed else 0
-        nearest = min(range(1, len(levels)), key=lambda j: abs(levels[j] - first))
+        nearest = min(range(1, len(levels)), key=lambda j: abs(levels[j] - target))
         # the dampening is chosen at the level measured first and kept at the others: the grid
         # would cost each level its own factorisations
         memos, damps = [{} for _ in range(problem.old.shape[0])], None
@@ -125,14 +132,14 @@ def build_curves(free, collectors, config, probe, model, seeds) -> list[Curve]:
     return curves
 
 
-def choose(curves: list[Curve], wanted: int, probe, model, config) -> OutputAllocation:
+def choose(curves: list[Curve], wanted: int, probe, model, config, uniform: float | None = None) -> OutputAllocation:
     """Levels of least predicted output error that remove at least `wanted` weights, made again
-    with the chosen levels measured, the best measured choice kept."""
+    with the chosen levels measured; then every choice made, and the uniform one, measured on the
+    whole pruned model, the best kept. Single-layer errors add up only roughly (ResNet's
+    streams and a recogniser's recurrent tail do not), so the sum only proposes."""
     bar = tqdm(desc="allocating by output", unit="probe", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
     tried, chosen, rounds = [], None, 0
-    if any(c.seed for c in curves):  # the layer-wise choice, measured as build_curves left it
-        tried.append([c.seed for c in curves])
     for rounds in range(1, MAX_ROUNDS + 1):
         options = [list(zip(c.removed, c.predicted())) for c in curves]
         chosen = cheapest_choice(options, float(wanted))
@@ -143,15 +150,33 @@ def choose(curves: list[Curve], wanted: int, probe, model, config) -> OutputAllo
         if chosen in tried:
             break
         tried.append(chosen)
+    uniform = None if uniform is None else _uniform(curves, wanted, uniform)
+    candidates = tried + ([uniform] if uniform is not None and uniform not in tried else [])
+    confirmed = []
+    for ch in candidates:
+        confirmed.append(math.sqrt(max(_probe_all(probe, model, curves, ch), 0.0)))
+        bar.update(1)
     bar.close()
 
     def total(ch):
         return sum(c.measured.get(j, 0.0) for c, j in zip(curves, ch))
-    best = min(tried, key=total)
-    sums = [math.sqrt(total(ch)) for ch in tried]
+    pick = min(range(len(candidates)), key=lambda i: confirmed[i])
+    best = list(candidates[pick])
     _trim(curves, best, wanted, probe, model, config)
-    probes = sum(len(c.measured) for c in curves)
-    return OutputAllocation(best, rounds, probes, sums)
+    probes = sum(len(c.measured) for c in curves) + len(candidates)
+    labels = [f"round {r}" for r in range(1, len(tried) + 1)] + (["uniform"] if len(candidates) > len(tried) else [])
+    return OutputAllocation(best, rounds, probes, [math.sqrt(total(ch)) for ch in tried],
+                            dict(zip(labels, confirmed)), labels[pick])
+
+
+def _uniform(curves: list[Curve], wanted: int, target: float) -> list[int] | None:
+    """Every layer at the uniform level, if each has it and together they remove about `wanted`
+    (not under N:M, where all layers taking the pattern removes more than asked)."""
+    chosen = [next((j for j, s in enumerate(c.levels) if j and abs(s - target) < 1e-6), None) for c in curves]
+    if None in chosen or any(len(c.levels) == 2 for c in curves):
+        return None
+    removed = sum(c.removed[j] for c, j in zip(curves, chosen))
+    return chosen if abs(removed - wanted) <= len(curves) else None
 
 
 def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, config) -> None:
@@ -183,6 +208,21 @@ def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, con
     chosen[i] = j
 
 
+def _probe_all(probe, model, curves: list[Curve], chosen: list[int]) -> float:
+    """The output error of the model with every layer at its chosen level at once (restored after)."""
+    saved = [(c.work.layer, c.work.layer.read(), c.work.layer.read_bias()) for c in curves]
+    try:
+        for c, j in zip(curves, chosen):
+            if j:
+                write_back(c.work.layer, c.solved[j])
+        return probe.error(model)
+    finally:
+        for layer, weight, bias in saved:
+            write_tensor(layer.weight, weight)
+            if bias is not None:
+                write_tensor(layer.bias, bias)
+
+
 def _error(problem, solved: Solved) -> float:
     return sum(problem.objectives[k].error(problem.augmented(solved.new, solved.new_b, k))
                for k in range(problem.old.shape[0]))
@@ -193,7 +233,7 @@ def _probe(probe, model, layer, solved: Solved) -> float:
     weight, bias = layer.read(), layer.read_bias()
     try:
         write_back(layer, solved)
-        return probe.error(model)
+        return probe.error(model, feeds_for(probe.feeds, SINGLE_SAMPLES))
     finally:
         write_tensor(layer.weight, weight)
         if bias is not None:

@@ -175,9 +175,15 @@ def format_groups(report: Report) -> str:
             lines.append(f"onnxruntime latency, {speed['threads']} threads: " + ", ".join(parts))
         a = s.get("allocation")
         if a:
-            lines.append(f"allocation by {a['by']}" + (f": {a['probes']} probes in {a['rounds']} rounds, predicted "
-                                                       f"output rel L2 {_num(a.get('predicted_rel_l2'))}"
-                                                       if a["by"] == "output" else " (normalised layer-wise cost)"))
+            if a.get("confirmed"):
+                tried = ", ".join(f"{k} {_num(v)}" for k, v in a.get("confirmed", {}).items())
+                lines.append(f"allocation by output: {a['probes']} probes in {a['rounds']} rounds; whole-model rel L2 "
+                             f"of the choices tried: {tried}; kept {a.get('picked')}")
+            elif a["by"] == "output":
+                lines.append(f"allocation by output: {a['probes']} probes in {a['rounds']} rounds, predicted "
+                             f"output rel L2 {_num(a.get('predicted_rel_l2'))}")
+            else:
+                lines.append(f"allocation by {a['by']} (normalised layer-wise cost)")
     f = report.fidelity
     if f:
         lines.append(f"output fidelity on {f['samples']} held-out samples: rel L2 {_num(f.get('rel_l2'))}, "

@@ -16,6 +16,10 @@ import onnx
 from .runtime import make_session, output_names, run
 
 PROBE_SAMPLES = 32  # held-out samples a probe runs on: the ranking needs ratios, not decimals
+# ... and at least this many feeds, up to 4 x PROBE_SAMPLES: a feed's first axis is not always a
+# batch of independent samples (silero VAD's is 32 rows of one second of audio, and one second
+# ranked choices by that second alone)
+PROBE_FEEDS = 3
 
 
 @dataclass
@@ -29,32 +33,43 @@ class OutputProbe:
     energy: float = field(default=0.0, init=False)
 
     def __post_init__(self):
-        self.energy = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in self.dense
-                          for o in outs if o.dtype.kind == "f")
+        self.energy = self._energy(len(self.dense))
 
-    def error(self, model: onnx.ModelProto) -> float:
+    def error(self, model: onnx.ModelProto, feeds: int | None = None) -> float:
         """The changed model's squared output change over the dense outputs' energy (float outputs,
-        summed over every output): the square of the held-out relative L2."""
+        summed over every output): the square of the held-out relative L2. feeds: on the first
+        that many feeds only (a cheaper, rougher probe)."""
         session, names = make_session(model, self.origin), output_names(model)
-        diff = 0.0
-        for feed, dense in zip(self.feeds, self.dense):
+        diff, energy = 0.0, self.energy if feeds is None else self._energy(feeds)
+        for feed, dense in zip(self.feeds[:feeds], self.dense[:feeds]):
             for got, ref in zip(run(session, names, feed, self.origin or "changed model"), dense):
                 if ref.dtype.kind == "f":
                     diff += float(np.sum(np.square(got.astype(np.float64) - ref)))
         self.runs += 1
-        return diff / self.energy if self.energy > 0 else 0.0
+        return diff / energy if energy > 0 else 0.0
+
+    def _energy(self, feeds: int) -> float:
+        return sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in self.dense[:feeds]
+                   for o in outs if o.dtype.kind == "f")
+
+
+def feeds_for(feeds: list[dict], samples: int) -> int:
+    """How many of the first feeds hold `samples` samples and PROBE_FEEDS feeds (whole feeds; a
+    feed's first axis counts as its batch)."""
+    taken, n = 0, 0
+    for feed in feeds:
+        if n >= samples and (taken >= PROBE_FEEDS or n >= 4 * samples):
+            break
+        first = next(iter(feed.values()), None)
+        n += int(first.shape[0]) if first is not None and np.ndim(first) else 1
+        taken += 1
+    return taken
 
 
 def output_probe(feeds: list[dict], dense: list, origin: str | None = None,
                  samples: int = PROBE_SAMPLES) -> OutputProbe | None:
     """A probe on the first `samples` held-out samples (whole feeds), or None without any."""
-    taken, n = 0, 0
-    for feed in feeds:
-        if n >= samples:
-            break
-        first = next(iter(feed.values()), None)
-        n += int(first.shape[0]) if first is not None and np.ndim(first) else 1
-        taken += 1
+    taken = feeds_for(feeds, samples)
     if not taken:
         return None
     probe = OutputProbe(feeds[:taken], dense[:taken], origin)

@@ -20,7 +20,7 @@ from .errors import LobsError
 from .graph import write_tensor
 from .hessian import damped_solve, layer_error
 from .report import LayerRecord
-from .solvers import SOLVERS, Target, batched
+from .solvers import Target, batched, resolve
 from .solvers.factors import times_inverse
 
 # With damp=None each layer takes the dampening, of these, whose result has the lowest layer-wise
@@ -104,8 +104,8 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     """Every group through the configured solver (from W0 in sequential mode). Solves of one
     problem at several targets share memos (per group, the factorisations made so far) and may
     take the dampening an earlier solve chose (damps, per group) instead of the grid."""
-    spec = SOLVERS[config.method]
     g, rows, cols = p.old.shape
+    spec = resolve(config.method, g, rows, cols + (p.old_b is not None))
     hp = p.hessians[0]
     out = Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
                  np.zeros(p.old.shape, bool))
@@ -114,7 +114,7 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     total = int(round(target * g * rows * cols))
     if nm is None and config.max_error is None and batched.fits(spec.name, g, rows, cols + (p.old_b is not None),
                                                                  spec.options.get("block", 128)):
-        return _solve_stacked(p, total, config, spec, name, damps)
+        return _solve_stacked(p, total, config, spec, name, damps, None if memos is None else memos[0])
     counts = [total // g + (k < total % g) for k in range(g)]
     for k in range(g):
         start, memo = p.augmented(p.old, p.old_b, k), None if memos is None else memos[k]
@@ -138,9 +138,11 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     return out
 
 
-def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list | None) -> Solved:
-    """Every group at once (solvers/batched.py), the count spread over the groups by cost; the
-    dampening is chosen for the whole layer, on the same grid and walk as best_damped's."""
+def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list | None,
+                   memo: dict | None) -> Solved:
+    """Every group at once (solvers/batched.py), each with its share of the count as when solved
+    alone; the dampening is chosen for the whole layer, on the same grid and walk as best_damped's.
+    memo: the layer's, shared by its solves at other counts (the first group's slot of memos)."""
     g, rows, cols = p.old.shape
     old = p.old if p.old_b is None else np.concatenate([p.old, p.old_b[:, :, None]], axis=2)
     hp = p.hessians[0]
@@ -154,10 +156,11 @@ def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list 
         out.w0_err = sum(o.error(start[k]) for k, o in enumerate(p.objectives))
     removable = np.ones(old.shape[2], bool) if p.protect is None else ~p.protect
     fixed = next((d for d in ((damps or [None])[0], config.damp, spec.fixed_damp) if d is not None), None)
+    counts = [total // g + (k < total % g) for k in range(g)]
     best = best_err = None
     try:
         for damp in DAMP_GRID if fixed is None else (fixed,):
-            sol = batched.SOLVE[spec.name](start, hp, total, removable, damp)
+            sol = batched.SOLVE[spec.name](start, hp, counts, removable, damp, memo)
             err = batched.error(start, sol.weights, hp)
             if best is not None and err > best_err:
                 break

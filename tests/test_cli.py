@@ -238,7 +238,8 @@ def test_structured_prune_and_inspect(tmp_path, capsys):
     assert report["summary"]["allocation"]["by"] == "output" and report["config"]["allocation"] is None
     assert all(g["output_error"] is not None for g in report["groups"] if g["kept"] is not None)
     for args, message in ((["--structured", "--allocation", "layer"], "give it with --flops or --global"),
-                          (["--allocation", "output"], "decides between layers")):
+                          (["--allocation", "uniform", "--global", "0.5"], "not with --global"),
+                          (["--sparsity", "0.5", "--global", "0.5"], "give one")):
         assert cli("prune", src, "-o", str(tmp_path / "x.onnx"), "--calib", calib, *args) == 1
         assert message in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "x.onnx")

@@ -85,22 +85,26 @@ def test_inspect_accounts_for_every_weighted_op(name, outcome):
     assert len(o.inspect["skipped"]) == sum(n for _, _, n in o.entry.skips)
 
 
-def _check_run(o, run, label):
+def _check_run(o, run, label, per_layer=True):
     assert run.problems == [], f"{label}: {run.problems}"
     assert run.outputs == o.reference_outputs, f"{label}: outputs differ in name, dtype or shape"
     assert o.input_unchanged
     pruned = run.pruned()
     assert pruned, f"{label}: no layer was pruned"
-    for r in run.report["layers"]:
-        if r["skipped"] is None:  # half of each group's row, rounded down (a depthwise 3x3 row keeps 5 of 9)
+    done = [r for r in run.report["layers"] if r["skipped"] is None]
+    if per_layer:
+        for r in done:  # half of each group's row, rounded down (a depthwise 3x3 row keeps 5 of 9)
             assert r["sparsity"] >= (r["cols"] // 2) / r["cols"] - 1e-9, (label, r["name"], r["sparsity"])
+    else:  # the CLI's default: half of the pruned layers' weights overall, allocated by output
+        removed = sum(r["sparsity"] * r["params"] for r in done)
+        assert removed >= 0.5 * sum(r["params"] for r in done) * (1 - 1e-3) - len(done), label
     return pruned
 
 
 @pytest.mark.parametrize("name", params("prune"))
 def test_prune_default_method_keeps_the_model_intact(name, outcome):
     o = outcome(name)
-    _check_run(o, o.lobs, "lobs")
+    _check_run(o, o.lobs, "default", per_layer=False)
     inspected = {s["reason"] for s in o.inspect["skipped"]}
     for r in o.lobs.report["layers"]:  # found layers are pruned, or left dense by the default rule
         if r["skipped"]:

@@ -25,7 +25,6 @@ def _weights(model):
 
 def test_levels_surround_the_target():
     assert levels_for(0.5, False) == [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
-    assert levels_for(0.5, False, 0.3) == [0.0, 0.25, 0.3, 0.375, 0.5, 0.625, 0.75, 0.875]
     assert levels_for(0.5, True) == [0.0, 0.5]
 
 
@@ -49,9 +48,11 @@ def test_output_allocation_meets_the_target_and_keeps_its_solves(target):
     assert rep.sparsity == pytest.approx(target, abs=2e-3)
     layers = [r for r in rep.layers if r.params]
     assert all(r.curve and sum(p["chosen"] for p in r.curve) == 1 for r in layers)
-    assert len({round(r.sparsity, 3) for r in layers}) > 1
-    # the choice is the best measured of those tried, the layer-wise one first among them
-    assert rep.allocation["predicted_rel_l2"] <= rep.allocation["tried"][0] + 1e-12
+    # every choice made, and the uniform one last, measured on the whole model; the best kept
+    conf = rep.allocation["confirmed"]
+    assert list(conf)[0] == "round 1" and list(conf)[-1] == "uniform" and len(conf) >= 2
+    assert rep.allocation["picked"] == min(conf, key=conf.get)
+    assert (len({round(r.target_sparsity, 6) for r in layers}) > 1) == (rep.allocation["picked"] != "uniform")
     # single-layer output errors add up to the whole model's
     assert rep.allocation["measured_rel_l2"] == pytest.approx(rep.allocation["predicted_rel_l2"], rel=0.5)
     # the stored weights are the levels' own solves: solving each layer afresh at its chosen
@@ -60,6 +61,20 @@ def test_output_allocation_meets_the_target_and_keeps_its_solves(target):
                                                layer_sparsity={r.name: r.target_sparsity for r in layers}))
     for name, w in _weights(out.model).items():
         np.testing.assert_allclose(w, _weights(again.model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_uniform_candidate_is_measured_as_the_uniformly_pruned_model():
+    """The whole-model confirmation measures what a uniform prune at the target gives (the probe
+    runs on the 32 held-out samples here, as the report's fidelity does)."""
+    rng = np.random.default_rng(3)
+    model = mlp(rng, sizes=(24, 64, 16, 8))
+    x = _data(rng, n=320)
+    base = dict(default_exclude=False, method="sparsegpt", damp=0.01)
+    rep = prune(model, {"x": x}, PruneConfig(global_sparsity=0.6, **base)).report
+    uniform = prune(model, {"x": x}, PruneConfig(sparsity=0.6, **base)).report
+    assert rep.samples["held_out"] == 32
+    assert rep.allocation["confirmed"]["uniform"] == pytest.approx(uniform.fidelity["rel_l2"], rel=1e-4)
+    assert rep.fidelity["rel_l2"] <= uniform.fidelity["rel_l2"] * 1.01
 
 
 def test_layer_allocation_stays_behind_its_flag():

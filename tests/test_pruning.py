@@ -115,7 +115,7 @@ def test_layer_sparsity_overrides_exclusions_and_metadata():
     assert recs["fc3"].skipped.startswith("excluded")
     np.testing.assert_array_equal(weights(result.model)["W3"], weights(model)["W3"])
     meta = {p.key: p.value for p in result.model.metadata_props}
-    assert "onnx_lobs" in meta and '"method": "lobs"' in meta["onnx_lobs"]
+    assert "onnx_lobs" in meta and '"method": "auto"' in meta["onnx_lobs"]
     total = sum(r.params for r in result.report.layers)
     zeros = sum(int(np.sum(w == 0)) for k, w in weights(result.model).items() if k.startswith("W"))
     assert result.report.sparsity == pytest.approx(zeros / total)

@@ -25,7 +25,7 @@ def test_report_json_is_strict_and_complete():
     result = prune(mlp(rng), {"x": rng.standard_normal((100, 12)).astype(np.float32)}, PruneConfig(default_exclude=False, sparsity=0.5))
     text = result.report.to_json()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert data["config"]["method"] == "lobs" and data["config"]["sparsity"] == 0.5
+    assert data["config"]["method"] == "auto" and data["config"]["sparsity"] == 0.5
     assert {"onnx", "onnxruntime", "numpy", "onnx_lobs"} <= set(data["versions"])
     assert {"load", "forward", "hessian", "solve", "verify", "total"} <= set(data["timings"])
     assert data["samples"] == {"calibration": 90, "held_out": 10}

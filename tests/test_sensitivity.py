@@ -36,7 +36,10 @@ def test_error_is_the_squared_relative_change_of_the_float_outputs():
 def test_output_probe_takes_whole_feeds_up_to_the_samples_asked():
     feeds = [{"x": np.ones((10, 6), np.float32)} for _ in range(4)]
     dense = [[np.ones((10, 3), np.float32)] for _ in range(4)]
-    assert len(output_probe(feeds, dense, samples=15).feeds) == 2
+    assert len(output_probe(feeds, dense, samples=15).feeds) == 3  # at least PROBE_FEEDS feeds...
+    assert len(output_probe(feeds, dense, samples=5).feeds) == 2  # 20 samples: 4 x 5
+    big = [{"x": np.ones((40, 6), np.float32)} for _ in range(4)]
+    assert len(output_probe(big, [[np.ones((40, 3), np.float32)]] * 4, samples=15).feeds) == 2  # ... up to 4x
     assert len(output_probe(feeds, dense, samples=1000).feeds) == 4
     assert output_probe([], []) is None
     assert output_probe(feeds, [[np.zeros((10, 3), np.float32)]] * 4) is None  # nothing to be relative to

@@ -62,13 +62,13 @@ def rows_for(name, methods, samples, test):
             yield (LABELS[name], method, "sequential" if sequential else "independent",
                    f"paper ratios ({ratios} kept)", f"{err:.2f}", f"{100 * (1 - sparsity):.1f}", f"{secs:.1f}")
             print(f"  {name} {method} {'seq' if sequential else 'ind'}: {err:.2f}%", file=sys.stderr, flush=True)
-    for method in [m for m in ("lobs", "obc") if m in methods]:
+    for method in [m for m in ("auto", "lobs", "obc") if m in methods]:
         for sequential in (False, True):
-            for how in ("uniform", "global"):
+            for how in ("uniform", "global by output"):
                 cfg = onnx_lobs.PruneConfig(method=method, sequential=sequential, samples=samples,
                                             default_exclude=False,
                                             sparsity=overall if how == "uniform" else 0.5,
-                                            global_sparsity=overall if how == "global" else None)
+                                            global_sparsity=None if how == "uniform" else overall)
                 err, sparsity, secs = run(name, cfg, test)
                 yield (LABELS[name], method, "sequential" if sequential else "independent",
                        f"{how} at the same overall sparsity", f"{err:.2f}", f"{100 * (1 - sparsity):.1f}",

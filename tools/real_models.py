@@ -320,7 +320,11 @@ MODELS = {
 }
 
 CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the peer's SparseGPT
-    "default": {},
+    # the CLI's defaults: --sparsity S overall, allocated by output, method auto; --pattern N:M on
+    # every layer
+    "default": {"overall": True},
+    "auto-uniform": {},  # S of each layer (--allocation uniform)
+    "lobs": {"method": "lobs"},  # the defaults before 0.2
     "sparsegpt": {"method": "sparsegpt"},
     "sparsegpt-global": {"method": "sparsegpt", "global": True, "allocation": "layer"},
     "sparsegpt-output": {"method": "sparsegpt", "global": True, "allocation": "output"},
@@ -361,6 +365,8 @@ def pruned_by(config: str, model, calib, target, real: Real):
         return onnxsim.apply_sparsegpt_pruning(model, calibration_data=calib, num_samples=len(calib), **nm)
     fields = dict(CONFIGS[config])
     kw = {"pattern": target} if isinstance(target, tuple) else {"sparsity": target}
+    if fields.pop("overall", False) and not isinstance(target, tuple):
+        kw = {"global_sparsity": target}
     if fields.pop("global", False):  # under N:M: which layers take the pattern, all of them if they can
         kw = {"global_sparsity": target} if not isinstance(target, tuple) else \
             {"pattern": target, "global_sparsity": 1 - target[0] / target[1]}

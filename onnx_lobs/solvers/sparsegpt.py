@@ -50,9 +50,13 @@ from .base import Solution, Target, nm_groups, nm_removals, removable_columns
 from .factors import factor
 
 INNER = 16  # columns updated one by one inside a block before a BLAS-3 catch-up
+# From this many weights the sweep runs in single precision: on wide layers with many rows its
+# column steps are bound by memory traffic, which halves (as OBC's stacks, solvers/obc.py; the
+# float64 reference tests run below it, and a test compares both precisions above it).
+SINGLE_WEIGHTS = 1 << 20
 
 
-def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
+def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None, dtype=np.float64):
     """Run the sweep. mask [rows, cols] bool is read column by column as the sweep reaches it,
     and may be filled in on the way: by choose_block(i1, i2, w_block) before each block, and by
     choose_group(c, current) at each column c, where current(cols) gives the current weights
@@ -64,11 +68,12 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
     cache and the big ones go to BLAS-3 (per-column BLAS-2 calls are very slow when the BLAS
     threads compete for cores).
 
-    Returns (weights, errors [rows, cols]); removed entries of weights are exactly 0.
+    Returns (weights, errors [rows, cols]) in dtype; removed entries of weights are exactly 0.
     """
-    w = np.array(w, dtype=np.float64)
+    w = np.array(w, dtype=dtype)
+    u = np.asarray(u, dtype=dtype)
     rows, cols = w.shape
-    errors = np.zeros((rows, cols), order="F")
+    errors = np.zeros((rows, cols), dtype=dtype, order="F")
     block, inner = max(1, int(block)), max(1, int(INNER if inner is None else inner))
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -77,6 +82,10 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
         e1 = errors[:, i1:i2]
         if choose_block is not None:
             choose_block(i1, i2, w1)
+        # the block's mask with its columns contiguous (a column of the row-major mask is a
+        # cache miss per row: most of the sweep's time on wide layers with many rows); N:M
+        # choosers fill the mask as the sweep goes, so they read it in place
+        m1 = np.asfortranarray(mask[:, i1:i2]) if choose_group is None else mask[:, i1:i2]
         for s0 in range(0, i2 - i1, inner):
             s1 = min(s0 + inner, i2 - i1)
             for j in range(s0, s1):
@@ -87,7 +96,7 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None):
                 # nothing reads a processed column again). Few, whole-column operations: this
                 # loop runs once per column, and its Python overhead is what it costs.
                 err = e1[:, j]
-                np.multiply(w1[:, j], mask[:, c], out=err)
+                np.multiply(w1[:, j], m1[:, j], out=err)
                 err /= u1[j, j]
                 if j + 1 < s1:
                     w1[:, j + 1:s1] -= err[:, None] * u1[j, j + 1:s1]
@@ -178,14 +187,15 @@ def _run(w, fac, target, block, removable, groups, n_prune):
     rows, cols = w.shape
     mask = np.zeros(w.shape, dtype=bool)
     diag_u = np.diagonal(fac.u)
+    dtype = np.float32 if rows * cols >= SINGLE_WEIGHTS else np.float64
     if groups is not None:
         chooser = _NMChooser(groups, groups.shape[1] - int(target.nm_keep), diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, block, choose_group=chooser)
+        new, errors = sweep(w, fac.u, mask, block, choose_group=chooser, dtype=dtype)
     else:
         chooser = _BlockChooser(rows, n_prune, removable, diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, block, choose_block=chooser)
-    predicted = 0.5 * float(np.sum(errors[:, ~fac.dead] ** 2))
-    return new, mask, predicted
+        new, errors = sweep(w, fac.u, mask, block, choose_block=chooser, dtype=dtype)
+    predicted = 0.5 * float(np.sum(np.square(errors[:, ~fac.dead], dtype=np.float64)))
+    return new.astype(np.float64), mask, predicted
 
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target, block: int = 128) -> Solution:

@@ -16,8 +16,8 @@ USES_HINV = {m for m, spec in SOLVERS.items() if spec.factor is not None}
 
 
 def test_registry():
-    assert METHODS == ("lobs", "obc", "sparsegpt", "wanda", "magnitude")
-    for name, module in zip(METHODS, (lobs, obc, sparsegpt, wanda, magnitude)):
+    assert METHODS == ("auto", "lobs", "obc", "sparsegpt", "wanda", "magnitude")
+    for name, module in zip(METHODS[1:], (lobs, obc, sparsegpt, wanda, magnitude)):
         assert get_solver(name) is module.solve
     with pytest.raises(KeyError):
         get_solver("nope")
@@ -25,6 +25,16 @@ def test_registry():
     for name, spec in SOLVERS.items():
         assert spec.name == name and spec.summary
     assert SOLVERS["obc"].fixed_damp == 0.01 and dict(SOLVERS["sparsegpt"].options) == {"block": 128}
+
+
+@pytest.mark.parametrize("shape,method", [
+    ((1, 16, 27), "obc"), ((1, 128, 128), "obc"), ((384, 1, 10), "obc"),  # cheap, or stacked groups
+    ((1, 160, 961), "sparsegpt"), ((1, 1000, 100), "sparsegpt"), ((1, 4, 1281), "sparsegpt")])
+def test_auto_takes_obc_where_it_is_cheap(shape, method):
+    from onnx_lobs.solvers import resolve
+
+    assert resolve("auto", *shape).name == method
+    assert resolve("lobs", *shape).name == "lobs"
 
 
 # --- invariants ----------------------------------------------------------------------------------
@@ -41,7 +51,7 @@ def _problem(seed, rows=5, cols=13, bias=True):
     return w, hessian_of(x), protect
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", tuple(SOLVERS))
 @pytest.mark.parametrize("seed", range(4))
 def test_exact_counts_and_invariants(method, seed):
     w, h, protect = _problem(seed, bias=seed % 2 == 0)
@@ -55,7 +65,7 @@ def test_exact_counts_and_invariants(method, seed):
     np.testing.assert_array_equal(h, h0)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", tuple(SOLVERS))
 def test_max_loss_respected(method):
     w, h, protect = _problem(11)
     everything = layer_error(w, np.where(protect[None, :], w, 0.0), h)
@@ -81,7 +91,7 @@ NM_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", tuple(SOLVERS))
 @pytest.mark.parametrize("pattern", list(NM_PATTERNS))
 def test_nm_validity(method, pattern):
     groups, keep, cols = NM_PATTERNS[pattern]()
@@ -173,7 +183,7 @@ DEGENERATE = ["rank_deficient", "single_sample", "constant_column", "duplicate_c
               "dead_columns", "all_dead", "huge_scales", "everything"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", tuple(SOLVERS))
 @pytest.mark.parametrize("damp", [0.0, 1e-12, 0.01])
 @pytest.mark.parametrize("kind", DEGENERATE)
 def test_degenerate_hessian_stays_finite(method, kind, damp):
@@ -227,7 +237,7 @@ def _correlated_layer(seed, rows=16, cols=48, scales=False):
 def test_quality_ordering(seed, fraction):
     w, h = _correlated_layer(seed)
     k = int(fraction * w.size)
-    err = {m: layer_error(w, get_solver(m)(w, h, Target(n_prune=k)).weights, h) for m in METHODS}
+    err = {m: layer_error(w, get_solver(m)(w, h, Target(n_prune=k)).weights, h) for m in SOLVERS}
     assert err["obc"] <= err["lobs"] * (1 + 1e-9)
     assert err["obc"] < err["magnitude"]
     assert err["sparsegpt"] < err["magnitude"]

@@ -40,7 +40,7 @@ def test_one_group_equals_the_per_matrix_solver(method, bias):
     if bias:
         removable[-1] = False
     n = 27
-    got = batched.SOLVE[method](w, h, n, removable, 0.01)
+    got = batched.SOLVE[method](w, h, [n], removable, 0.01)
     spec = SOLVERS[method]
     ref = spec.solve(w[0], h[0], Target(n_prune=n, protect=~removable, damp=0.01), **spec.options)
     np.testing.assert_array_equal(got.pruned[0], ref.pruned)
@@ -50,17 +50,29 @@ def test_one_group_equals_the_per_matrix_solver(method, bias):
 
 
 @pytest.mark.parametrize("method", batched.METHODS)
-def test_many_groups_meet_the_count_and_protect_the_bias(method):
+def test_many_groups_meet_their_counts_and_protect_the_bias(method):
     rng = np.random.default_rng(3)
     w, h = stack(rng, 9, 2, 6, dead=[(4, 0), (4, 2)])
     removable = np.r_[np.ones(5, bool), [False]]
-    sol = batched.SOLVE[method](w, h, 41, removable, 0.01)
-    assert int(sol.pruned.sum()) == 41
+    counts = [5, 4, 4, 4, 4, 4, 4, 4, 4]
+    sol = batched.SOLVE[method](w, h, counts, removable, 0.01)
+    assert sol.pruned.sum(axis=(1, 2)).tolist() == counts
     assert not sol.pruned[:, :, -1].any()
     assert np.all(sol.weights[sol.pruned] == 0.0)
     assert sol.pruned[4, :, [0, 2]].all()  # dead inputs go first: they cost nothing
-    counts = sol.pruned.sum(axis=(1, 2))
-    assert counts.min() < counts.max()  # spread by cost, not an equal share per group
+
+
+@pytest.mark.parametrize("method", batched.METHODS)
+def test_each_group_is_solved_as_if_alone(method):
+    rng = np.random.default_rng(6)
+    w, h = stack(rng, 8, 2, 9)
+    removable = np.ones(9, bool)
+    counts = [0, 1, 3, 5, 9, 12, 17, 18]
+    sol = batched.SOLVE[method](w, h, counts, removable, 0.01)
+    for g in range(8):
+        one = batched.SOLVE[method](w[g:g + 1], h[g:g + 1], [counts[g]], removable, 0.01)
+        np.testing.assert_array_equal(sol.pruned[g], one.pruned[0])
+        np.testing.assert_allclose(sol.weights[g], one.weights[0], rtol=1e-9, atol=1e-12)
 
 
 def test_obc_rows_are_least_squares_refits_of_their_masks():
@@ -69,7 +81,7 @@ def test_obc_rows_are_least_squares_refits_of_their_masks():
     rng = np.random.default_rng(4)
     w, h = stack(rng, 6, 3, 7)
     removable = np.ones(7, bool)
-    sol = batched.obc(w, h, 50, removable, 0.01)
+    sol = batched.obc(w, h, [8, 9, 8, 9, 8, 8], removable, 0.01)
     predicted = 0.0
     for g in range(6):
         hd, _, _ = damped_matrix(h[g], 0.01)
@@ -95,35 +107,26 @@ def test_obc_row_sequences_are_the_exact_greedy():
             costs.append(0.5 * cur[remaining[i]] ** 2 / inv[i, i])
             cur[remaining] -= cur[remaining[i]] / inv[i, i] * inv[i]
             remaining.pop(i)
-        for k in range(1, 6):  # with k removals allowed in all, a lone group takes them in order
-            one = batched.obc(w[g:g + 1], h[g:g + 1], k, removable, 0.01)
+        for k in range(1, 6):  # with k removals allowed, a lone row takes them in order
+            one = batched.obc(w[g:g + 1], h[g:g + 1], [k], removable, 0.01)
             assert one.predicted == pytest.approx(sum(costs[:k]), rel=1e-8)
 
 
-def test_obc_merge_beats_an_equal_share_per_group():
-    """The layer's count spread by cost does no worse than the same count split evenly."""
-    rng = np.random.default_rng(6)
-    w, h = stack(rng, 8, 1, 9)
-    removable = np.ones(9, bool)
-    merged = batched.obc(w, h, 36, removable, 0.01)
-    even = sum(batched.obc(w[g:g + 1], h[g:g + 1], 4, removable, 0.01).predicted
-               for g in range(8)) + 0.0
-    assert merged.predicted <= even
-
-
-def test_sparsegpt_mask_is_the_layers_smallest_scores():
-    """The stacked mask is the smallest w^2 / U_jj^2 over all groups, by brute force."""
+def test_sparsegpt_mask_is_each_groups_smallest_scores():
+    """Each group's stacked mask is its smallest w^2 / U_jj^2, by brute force."""
     rng = np.random.default_rng(7)
     w, h = stack(rng, 5, 2, 4)
-    sol = batched.sparsegpt(w, h, 13, np.ones(4, bool), 0.1)
-    scores = []
-    for g, r, c in itertools.product(range(5), range(2), range(4)):
+    counts = [3, 2, 3, 0, 8]
+    sol = batched.sparsegpt(w, h, counts, np.ones(4, bool), 0.1)
+    for g in range(5):
         hd, _, _ = damped_matrix(h[g], 0.1)
-        # U_cc^2 = 1 / (Hd restricted to columns c.. )^-1 ... its first diagonal: the Schur form
-        tail = np.linalg.inv(hd[c:, c:])
-        scores.append((w[g, r, c] ** 2 / tail[0, 0], (g, r, c)))
-    chosen = {k for _, k in sorted(scores)[:13]}
-    assert chosen == {tuple(i) for i in np.argwhere(sol.pruned)}
+        scores = []
+        for r, c in itertools.product(range(2), range(4)):
+            # U_cc^2 = 1 / [(Hd restricted to columns c..)^-1]_00: the Schur form
+            tail = np.linalg.inv(hd[c:, c:])
+            scores.append((w[g, r, c] ** 2 / tail[0, 0], (r, c)))
+        chosen = {k for _, k in sorted(scores)[:counts[g]]}
+        assert chosen == {tuple(i) for i in np.argwhere(sol.pruned[g])}
 
 
 def test_dampening_is_raised_for_the_whole_layer_when_a_group_will_not_factor():
@@ -131,7 +134,7 @@ def test_dampening_is_raised_for_the_whole_layer_when_a_group_will_not_factor():
     w, h = stack(rng, 3, 2, 5)
     x = rng.standard_normal((50, 2))
     h[1] = hessian_of(np.c_[x, x, x[:, :1]])  # rank 2 of 5: needs dampening to factor
-    sol = batched.obc(w, h, 10, np.ones(5, bool), 0.0)
+    sol = batched.obc(w, h, [3, 4, 3], np.ones(5, bool), 0.0)
     assert sol.damp > 0 and sol.notes and int(sol.pruned.sum()) == 10
 
 

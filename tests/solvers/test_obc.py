@@ -342,3 +342,19 @@ def test_ties_go_to_the_lowest_column():
     x[:, [1, 4]] = 0.0
     sol = obc.solve(np.ones((1, 6)), hessian_of(x), Target(n_prune=1))
     np.testing.assert_array_equal(np.flatnonzero(sol.pruned[0]), [1])
+
+
+def test_solves_at_several_counts_sharing_a_memo_equal_fresh_ones():
+    """The memo keeps the removal sequences (extended when a later count needs more of them)."""
+    rng = np.random.default_rng(13)
+    x = correlated_samples(rng, 200, 30)
+    w = rng.standard_normal((5, 30))
+    w[2] *= 1e-3
+    h = hessian_of(x)
+    memo = {}
+    for n in (10, 120, 40, 140):  # a light count first: the later ones need longer sequences
+        shared = obc.solve(w, h, Target(n_prune=n, memo=memo))
+        fresh = obc.solve(w, h, Target(n_prune=n))
+        np.testing.assert_array_equal(shared.pruned, fresh.pruned)
+        np.testing.assert_allclose(shared.weights, fresh.weights, rtol=1e-12, atol=1e-14)
+        assert shared.predicted_loss == pytest.approx(fresh.predicted_loss, rel=1e-12)

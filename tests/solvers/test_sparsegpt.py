@@ -212,3 +212,22 @@ def test_smallest_is_a_stable_argsort_prefix():
             expected = np.zeros(score.size, bool)
             expected[np.argsort(score, axis=None, kind="stable")[:k]] = True
             np.testing.assert_array_equal(sparsegpt.smallest(score, k), expected.reshape(score.shape))
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_single_precision_sweep_of_large_layers_matches_double(monkeypatch, pattern):
+    """From SINGLE_WEIGHTS on the sweep runs in float32: same mask up to near-ties, and the same
+    layer error to float32's precision (the threshold is lowered so that a small case takes it)."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((64, 48))
+    h = hessian_of(correlated_samples(rng, 400, 48))
+    groups = None if pattern is None else contiguous_groups(48, pattern[1])
+    target = Target(n_prune=w.size // 2, damp=0.01) if pattern is None else \
+        Target(nm=groups, nm_keep=pattern[0], damp=0.01)
+    double = sparsegpt.solve(w, h, target)
+    monkeypatch.setattr(sparsegpt, "SINGLE_WEIGHTS", 1)
+    single = sparsegpt.solve(w, h, target)
+    assert single.weights.dtype == np.float64 and int(single.pruned.sum()) == int(double.pruned.sum())
+    assert np.mean(single.pruned != double.pruned) < 0.01
+    assert layer_error(w, single.weights, h) == pytest.approx(layer_error(w, double.weights, h), rel=1e-3)
+    assert single.predicted_loss == pytest.approx(double.predicted_loss, rel=1e-3)

@@ -78,7 +78,8 @@ def table(slow: bool) -> str:
             print(lines[-1], file=sys.stderr)
     import onnxruntime
     lines.append("")
-    lines.append(f"Sparsity 0.5 per layer with the default method (lobs) and with magnitude; relative L2 error "
+    lines.append(f"Sparsity 0.5 with the command line's defaults (0.2: overall, allocated by output, method auto; "
+                 f"0.1: per layer, method lobs) and per layer with magnitude; relative L2 error "
                  f"of all outputs against the dense model on each model's held-out samples (one in ten). "
                  f"Weights are random, calibration inputs synthetic (tests/corpus). "
                  f"Produced by `python tools/corpus_table.py{' --slow' if slow else ''}` in "

@@ -141,15 +141,16 @@ def _budget(sparsity, global_sparsity, allocation, structured, pattern, max_erro
     each layer: the result for the same S is far better on real models (README: defaults)."""
     if sparsity is not None and not 0 <= sparsity < 1:
         raise LobsError(f"--sparsity: sparsity must be in [0, 1), got {sparsity}")
+    s = 0.5 if sparsity is None else sparsity
     if allocation == "uniform":
         if structured or global_sparsity is not None:
             raise LobsError("--allocation uniform gives every layer --sparsity: not with --global or --structured")
-        return (0.5 if sparsity is None else sparsity), None, None
+        return s, None, None
     if sparsity is not None and global_sparsity is not None:
         raise LobsError("--sparsity and --global say the same thing (the overall fraction): give one")
     if structured or pattern is not None or max_error is not None or global_sparsity is not None:
-        return (0.5 if sparsity is None else sparsity), global_sparsity, allocation
-    return 0.5, (0.5 if sparsity is None else sparsity), allocation
+        return s, global_sparsity, allocation
+    return 0.5, s, allocation
 
 
 def _damp(value: str) -> float | None:

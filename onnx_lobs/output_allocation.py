@@ -173,7 +173,7 @@ def _uniform(curves: list[Curve], wanted: int, target: float) -> list[int] | Non
     """Every layer at the uniform level, if each has it and together they remove about `wanted`
     (not under N:M, where all layers taking the pattern removes more than asked)."""
     chosen = [next((j for j, s in enumerate(c.levels) if j and abs(s - target) < 1e-6), None) for c in curves]
-    if None in chosen or any(len(c.levels) == 2 for c in curves):
+    if None in chosen:
         return None
     removed = sum(c.removed[j] for c, j in zip(curves, chosen))
     return chosen if abs(removed - wanted) <= len(curves) else None
@@ -209,18 +209,8 @@ def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, con
 
 
 def _probe_all(probe, model, curves: list[Curve], chosen: list[int]) -> float:
-    """The output error of the model with every layer at its chosen level at once (restored after)."""
-    saved = [(c.work.layer, c.work.layer.read(), c.work.layer.read_bias()) for c in curves]
-    try:
-        for c, j in zip(curves, chosen):
-            if j:
-                write_back(c.work.layer, c.solved[j])
-        return probe.error(model)
-    finally:
-        for layer, weight, bias in saved:
-            write_tensor(layer.weight, weight)
-            if bias is not None:
-                write_tensor(layer.bias, bias)
+    """The output error of the model with every layer at its chosen level at once."""
+    return _probe_with(probe, model, [(c.work.layer, c.solved[j]) for c, j in zip(curves, chosen) if j])
 
 
 def _error(problem, solved: Solved) -> float:
@@ -229,12 +219,19 @@ def _error(problem, solved: Solved) -> float:
 
 
 def _probe(probe, model, layer, solved: Solved) -> float:
-    """The output error of the model with this layer alone as solved (its dense tensors restored)."""
-    weight, bias = layer.read(), layer.read_bias()
+    """The output error of the model with this layer alone as solved, on the cheaper sample."""
+    return _probe_with(probe, model, [(layer, solved)], feeds_for(probe.feeds, SINGLE_SAMPLES))
+
+
+def _probe_with(probe, model, written: list, feeds: int | None = None) -> float:
+    """probe.error with each (layer, solved) written, their dense tensors restored after."""
+    saved = [(layer, layer.read(), layer.read_bias()) for layer, _ in written]
     try:
-        write_back(layer, solved)
-        return probe.error(model, feeds_for(probe.feeds, SINGLE_SAMPLES))
+        for layer, solved in written:
+            write_back(layer, solved)
+        return probe.error(model, feeds)
     finally:
-        write_tensor(layer.weight, weight)
-        if bias is not None:
-            write_tensor(layer.bias, bias)
+        for layer, weight, bias in saved:
+            write_tensor(layer.weight, weight)
+            if bias is not None:
+                write_tensor(layer.bias, bias)

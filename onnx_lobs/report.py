@@ -176,7 +176,7 @@ def format_groups(report: Report) -> str:
         a = s.get("allocation")
         if a:
             if a.get("confirmed"):
-                tried = ", ".join(f"{k} {_num(v)}" for k, v in a.get("confirmed", {}).items())
+                tried = ", ".join(f"{k} {_num(v)}" for k, v in a["confirmed"].items())
                 lines.append(f"allocation by output: {a['probes']} probes in {a['rounds']} rounds; whole-model rel L2 "
                              f"of the choices tried: {tried}; kept {a.get('picked')}")
             elif a["by"] == "output":

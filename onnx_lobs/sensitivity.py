@@ -31,6 +31,7 @@ class OutputProbe:
     origin: str | None = None
     runs: int = field(default=0, init=False)
     energy: float = field(default=0.0, init=False)
+    _energies: dict = field(default_factory=dict, init=False, repr=False)  # feeds -> their energy
 
     def __post_init__(self):
         self.energy = self._energy(len(self.dense))
@@ -49,8 +50,10 @@ class OutputProbe:
         return diff / energy if energy > 0 else 0.0
 
     def _energy(self, feeds: int) -> float:
-        return sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in self.dense[:feeds]
-                   for o in outs if o.dtype.kind == "f")
+        if feeds not in self._energies:
+            self._energies[feeds] = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in self.dense[:feeds]
+                                        for o in outs if o.dtype.kind == "f")
+        return self._energies[feeds]
 
 
 def feeds_for(feeds: list[dict], samples: int) -> int:

@@ -105,17 +105,17 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     problem at several targets share memos (per group, the factorisations made so far) and may
     take the dampening an earlier solve chose (damps, per group) instead of the grid."""
     g, rows, cols = p.old.shape
-    spec = resolve(config.method, g, rows, cols + (p.old_b is not None))
+    width = cols + (p.old_b is not None)
+    spec = resolve(config.method, g, rows, width)
     hp = p.hessians[0]
-    out = Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
-                 np.zeros(p.old.shape, bool))
+    out = _empty(p)
     # The layer's count, spread over its groups (the first ones take the remainder), so that
     # many small groups (depthwise convs) still reach the layer's target.
     total = int(round(target * g * rows * cols))
-    if nm is None and config.max_error is None and batched.fits(spec.name, g, rows, cols + (p.old_b is not None),
-                                                                 spec.options.get("block", 128)):
-        return _solve_stacked(p, total, config, spec, name, damps, None if memos is None else memos[0])
     counts = [total // g + (k < total % g) for k in range(g)]
+    if nm is None and config.max_error is None and batched.fits(spec.name, g, rows, width,
+                                                                 spec.options.get("block", 128)):
+        return _solve_stacked(p, counts, config, spec, name, damps, None if memos is None else memos[0])
     for k in range(g):
         start, memo = p.augmented(p.old, p.old_b, k), None if memos is None else memos[k]
         if p.joint:
@@ -138,7 +138,12 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
     return out
 
 
-def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list | None,
+def _empty(p: Problem) -> Solved:
+    return Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
+                  np.zeros(p.old.shape, bool))
+
+
+def _solve_stacked(p: Problem, counts: list, config, spec, name: str, damps: list | None,
                    memo: dict | None) -> Solved:
     """Every group at once (solvers/batched.py), each with its share of the count as when solved
     alone; the dampening is chosen for the whole layer, on the same grid and walk as best_damped's.
@@ -146,8 +151,7 @@ def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list 
     g, rows, cols = p.old.shape
     old = p.old if p.old_b is None else np.concatenate([p.old, p.old_b[:, :, None]], axis=2)
     hp = p.hessians[0]
-    out = Solved(np.empty_like(p.old), None if p.old_b is None else np.empty_like(p.old_b),
-                 np.zeros(p.old.shape, bool))
+    out = _empty(p)
     start = old
     if p.joint:  # sequential mode's start W0 = W C Hd^-1, dead inputs kept dense (_corrected_start)
         hinv, dead = batched.inverse(hp, W0_DAMP)
@@ -156,7 +160,6 @@ def _solve_stacked(p: Problem, total: int, config, spec, name: str, damps: list 
         out.w0_err = sum(o.error(start[k]) for k, o in enumerate(p.objectives))
     removable = np.ones(old.shape[2], bool) if p.protect is None else ~p.protect
     fixed = next((d for d in ((damps or [None])[0], config.damp, spec.fixed_damp) if d is not None), None)
-    counts = [total // g + (k < total % g) for k in range(g)]
     best = best_err = None
     try:
         for damp in DAMP_GRID if fixed is None else (fixed,):

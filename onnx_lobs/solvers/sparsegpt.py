@@ -82,10 +82,6 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None, d
         e1 = errors[:, i1:i2]
         if choose_block is not None:
             choose_block(i1, i2, w1)
-        # the block's mask with its columns contiguous (a column of the row-major mask is a
-        # cache miss per row: most of the sweep's time on wide layers with many rows); N:M
-        # choosers fill the mask as the sweep goes, so they read it in place
-        m1 = np.asfortranarray(mask[:, i1:i2]) if choose_group is None else mask[:, i1:i2]
         for s0 in range(0, i2 - i1, inner):
             s1 = min(s0 + inner, i2 - i1)
             for j in range(s0, s1):
@@ -96,7 +92,7 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None, d
                 # nothing reads a processed column again). Few, whole-column operations: this
                 # loop runs once per column, and its Python overhead is what it costs.
                 err = e1[:, j]
-                np.multiply(w1[:, j], m1[:, j], out=err)
+                np.multiply(w1[:, j], mask[:, c], out=err)
                 err /= u1[j, j]
                 if j + 1 < s1:
                     w1[:, j + 1:s1] -= err[:, None] * u1[j, j + 1:s1]

@@ -36,7 +36,8 @@ class LayerRecord:
     propagated_error: float | None = None  # sequential: dense weights on the pruned inputs
     corrected_error: float | None = None  # sequential: the unconstrained optimum W0 = W C H_p^-1
     damp: float | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # the layer's whole step: its Hessians, solve, write-back, measurement
+    solve_seconds: float | None = None  # the solve alone (solve_groups, the damp grid included)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # reason, when the layer was not pruned
     curve: list | None = None  # --global by output: the levels tried (output_allocation.Curve.record)

@@ -241,7 +241,10 @@ def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=Non
     the removed-weights mask."""
     t = time.perf_counter()
     problem = prepare(c)
-    solved = solved or solve_groups(problem, target, config, nm, c.layer.name)
+    if solved is None:
+        t_solve = time.perf_counter()
+        solved = solve_groups(problem, target, config, nm, c.layer.name)
+        record.solve_seconds = time.perf_counter() - t_solve
     record.notes += [n for n in solved.notes if n not in record.notes]
     stored, new, new_b, mask = write_back(c.layer, solved)
     measure(problem, new, new_b, c, record)  # what was stored: fp16/bf16 rounding included

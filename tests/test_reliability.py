@@ -582,6 +582,7 @@ def _report_without_timings(path):
     data.pop("timings")
     for rec in data["layers"]:
         rec.pop("seconds")
+        rec.pop("solve_seconds")
     return data
 
 

@@ -362,7 +362,7 @@ def pruned_by(config: str, model, calib, target, real: Real):
     if CONFIGS[config] is None:
         import onnxsim
         nm = {"n": target[0], "m": target[1]} if isinstance(target, tuple) else {"sparsity": target}
-        return onnxsim.apply_sparsegpt_pruning(model, calibration_data=calib, num_samples=len(calib), **nm)
+        return onnxsim.apply_sparsegpt_pruning(model, calibration_data=calib, num_samples=len(calib), **nm), None
     fields = dict(CONFIGS[config])
     kw = {"pattern": target} if isinstance(target, tuple) else {"sparsity": target}
     if fields.pop("overall", False) and not isinstance(target, tuple):
@@ -371,10 +371,22 @@ def pruned_by(config: str, model, calib, target, real: Real):
         kw = {"global_sparsity": target} if not isinstance(target, tuple) else \
             {"pattern": target, "global_sparsity": 1 - target[0] / target[1]}
     cfg = PruneConfig(**fields, **kw, exclude=list(real.exclude), batch_size=8)
-    return prune(model, Reader(calib), cfg).model
+    result = prune(model, Reader(calib), cfg)
+    return result.model, result.report
 
 
-def bench(name: str, configs, target, seed: int) -> list[dict]:
+def slowest(report, n: int) -> list[str]:
+    """The n layer solves of most seconds per 1,000 columns among layers of under 512 rows (the
+    issue's bound for sparsegpt). A grouped layer's columns are all of its groups'; the seconds
+    are solve_groups' (the damp grid included), known when the layer was solved alone (not under
+    an allocation by output, which solves at many levels)."""
+    layers = [r for r in report.layers if r.solve_seconds and r.rows < 512 and r.cols]
+    layers.sort(key=lambda r: -r.solve_seconds / (r.groups * r.cols))
+    return [f"    {r.name[:44]:44s} {r.groups:>4}x{r.rows}x{r.cols:<6} {r.solve_seconds:6.3f}s "
+            f"{1000 * r.solve_seconds / (r.groups * r.cols):6.3f} s/1000 cols" for r in layers[:n]]
+
+
+def bench(name: str, configs, target, seed: int, show_slowest: int = 0) -> list[dict]:
     real = MODELS[name]
     model = onnx.load(str(package(real.package) / real.path))
     rng = np.random.default_rng(seed)
@@ -384,7 +396,7 @@ def bench(name: str, configs, target, seed: int) -> list[dict]:
     for config in configs:
         t = time.perf_counter()
         try:
-            pruned = pruned_by(config, model, calib, target, real)
+            pruned, report = pruned_by(config, model, calib, target, real)
         except Exception as e:  # a row that says why, not a stopped bench
             rows.append({"model": name, "config": config, "error": f"{type(e).__name__}: {e}"[:200]})
             print(f"{name:12s} {config:18s} failed: {rows[-1]['error']}", flush=True)
@@ -396,6 +408,8 @@ def bench(name: str, configs, target, seed: int) -> list[dict]:
         r = rows[-1]
         print(f"{name:12s} {config:18s} {r['metric']:16s} {r['score']:.3f}  rel_l2 {r['rel_l2']:.4f}  "
               f"{seconds:7.1f}s", flush=True)
+        if show_slowest and report is not None:
+            print("\n".join(slowest(report, show_slowest)), flush=True)
     return rows
 
 
@@ -406,11 +420,13 @@ def main() -> None:
     ap.add_argument("--target", default="0.5", help="a sparsity, or N:M")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--slowest", type=int, default=0, metavar="N",
+                    help="print each run's N layers (of under 512 rows) of most solve seconds per 1,000 columns")
     args = ap.parse_args()
     target = tuple(int(v) for v in args.target.split(":")) if ":" in args.target else float(args.target)
     print(f"{os.cpu_count()} cpus; onnxruntime {ort.__version__}; target {args.target}; "
           f"{N_CALIB} calibration and {N_HELD} held-out inputs per model", flush=True)
-    rows = [r for name in args.models for r in bench(name, args.configs, target, args.seed)]
+    rows = [r for name in args.models for r in bench(name, args.configs, target, args.seed, args.slowest)]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

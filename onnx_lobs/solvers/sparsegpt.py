@@ -13,12 +13,13 @@ is exactly sum err^2 / 2 whatever the mask. That is predicted_loss, except for d
 damp = 0 and no dead inputs predicted_loss is exactly layer_error; with damping it is an upper
 bound of it (the damped objective adds damp * scale * |dw|^2 / 2).
 
-Columns are processed in blocks of B (solve's `block`); inside a block the update is applied
-column by column to the block only (itself in sub-blocks of INNER columns with a matrix-product
-catch-up, see sweep), and the block's errors reach the later columns in one matrix product at
-its end (W[:, end:] -= Err @ U[block, end:]). The order of the additions changes, the result
-does not (the tests check block sizes 1..cols against an unblocked reference). Protected
-columns are never removed (err = 0) but do receive the compensation.
+Columns are processed in blocks of B (solve's `block`). A column's error needs its current
+weight, i.e. the corrections of every earlier column: those of earlier blocks reach a block in
+one matrix product at their block's end (W[:, end:] -= Err @ U[block, end:]), those inside a
+block are gathered per sub-block of INNER columns and per column (see sweep). The order of the
+additions changes, the result does not (the tests check block sizes 1..cols against an
+unblocked reference). Protected columns are never removed (err = 0) but do receive the
+compensation.
 
 Cost: the factorisation is O(cols^3) (one Cholesky, one triangular inverse); the sweep is
 O(rows * cols^2), nearly all in matrix products.
@@ -44,12 +45,13 @@ with the count, so the result is within the budget but may not be the largest su
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import blas
 
 from ..hessian import layer_error
 from .base import Solution, Target, nm_groups, nm_removals, removable_columns
 from .factors import factor
 
-INNER = 16  # columns updated one by one inside a block before a BLAS-3 catch-up
+INNER = 16  # columns whose corrections are gathered per column (matrix-vector); per sub-block beyond
 # From this many weights the sweep runs in single precision: on wide layers with many rows its
 # column steps are bound by memory traffic, which halves (as OBC's stacks, solvers/obc.py; the
 # float64 reference tests run below it, and a test compares both precisions above it).
@@ -62,59 +64,64 @@ def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None, d
     choose_group(c, current) at each column c, where current(cols) gives the current weights
     of columns >= c (every pending update applied).
 
-    Inside a block the column-by-column updates reach only a narrow sub-block of `inner`
-    columns; the rest of the block gets them as one product at the end of the sub-block, and
-    the later columns at the end of the block. Same arithmetic, reordered: small steps stay in
-    cache and the big ones go to BLAS-3 (per-column BLAS-2 calls are very slow when the BLAS
-    threads compete for cores).
+    Nothing is updated column by column: a column's pending corrections are gathered when the
+    sweep reaches it, one matrix-vector product with the errors of its sub-block of `inner`
+    columns so far. Each sub-block gets those of the block's earlier sub-blocks as one product
+    at its start, the block its final weights as one product at its end (W_b - E_b U_bb: U is
+    upper triangular) and the later columns theirs as another. Same sums, reordered: the Python
+    step per column is three calls on vectors of `rows`, and every product stays in BLAS.
 
     Returns (weights, errors [rows, cols]) in dtype; removed entries of weights are exactly 0.
     """
-    w = np.array(w, dtype=dtype)
+    w = np.array(w, dtype=dtype, order="F")  # a block and all after it are contiguous
     u = np.asarray(u, dtype=dtype)
     rows, cols = w.shape
     errors = np.zeros((rows, cols), dtype=dtype, order="F")
+    gemm = blas.get_blas_funcs("gemm", (w,))
     block, inner = max(1, int(block)), max(1, int(INNER if inner is None else inner))
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = np.asfortranarray(w[:, i1:i2])  # the block, columns contiguous
-        u1 = u[i1:i2, i1:i2]
-        e1 = errors[:, i1:i2]
+        wb = w[:, i1:i2]  # the block, as the earlier blocks left it
         if choose_block is not None:
-            choose_block(i1, i2, w1)
+            choose_block(i1, i2, wb)
+        ub, eb = u[i1:i2, i1:i2], errors[:, i1:i2]
+        # unstructured masks are whole blocks chosen up front: mask / U_jj once per block
+        scale = mask[:, i1:i2] / np.diagonal(ub) if choose_group is None else None
         for s0 in range(0, i2 - i1, inner):
             s1 = min(s0 + inner, i2 - i1)
+            cur = gemm(-1.0, eb[:, :s0], ub[:s0, s0:s1], beta=1.0, c=wb[:, s0:s1]) if s0 else wb[:, s0:s1]
             for j in range(s0, s1):
                 c = i1 + j
                 if choose_group is not None:
-                    choose_group(c, lambda cs: _current(cs, w, w1, e1, u, i1, i2, s0, s1, j))
-                # err = w_j / U_jj where removed, else 0 (removed entries are zeroed at the end:
-                # nothing reads a processed column again). Few, whole-column operations: this
-                # loop runs once per column, and its Python overhead is what it costs.
-                err = e1[:, j]
-                np.multiply(w1[:, j], mask[:, c], out=err)
-                err /= u1[j, j]
-                if j + 1 < s1:
-                    w1[:, j + 1:s1] -= err[:, None] * u1[j, j + 1:s1]
-            if s1 < i2 - i1:
-                w1[:, s1:] -= e1[:, s0:s1] @ u1[s0:s1, s1:]
-        w[:, i1:i2] = w1
-        if i2 < cols:
-            w[:, i2:] -= e1 @ u[i1:i2, i2:]
-    w[mask] = 0.0
-    return w, np.ascontiguousarray(errors)
+                    choose_group(c, lambda cs: _current(cs, w, wb, cur, eb, u, i1, s0, s1, j))
+                # err = current w_j / U_jj where removed, else 0
+                col = cur[:, j - s0] - eb[:, s0:j] @ ub[s0:j, j] if j > s0 else cur[:, 0]
+                err = eb[:, j]
+                if scale is not None:
+                    np.multiply(col, scale[:, j], out=err)
+                else:
+                    np.multiply(col, mask[:, c], out=err)
+                    err /= ub[j, j]
+        # the block's final weights and the later columns' corrections: W[:, i1:] -= E_b U[b, i1:]
+        tail = w[:, i1:]
+        out = gemm(-1.0, eb, u[i1:i2, i1:], beta=1.0, c=tail, overwrite_c=1)
+        if out.ctypes.data != tail.ctypes.data:  # not updated in place
+            tail[...] = out
+        np.putmask(wb, mask[:, i1:i2], 0.0)
+    return w, errors
 
 
-def _current(cs, w, w1, e1, u, i1, i2, s0, s1, j):
+def _current(cs, w, wb, cur, eb, u, i1, s0, s1, j):
     """Current weights of columns cs (all >= the column j being processed, block-relative)."""
     out = np.empty((w.shape[0], len(cs)))
+    i2 = i1 + wb.shape[1]
     for k, c in enumerate(cs):
-        if c < i1 + s1:  # in the sub-block: up to date
-            out[:, k] = w1[:, c - i1]
-        elif c < i2:  # later in the block: this sub-block's updates are pending
-            out[:, k] = w1[:, c - i1] - e1[:, s0:j] @ u[i1 + s0:i1 + j, c]
-        else:  # after the block: the whole block's updates are pending
-            out[:, k] = w[:, c] - e1[:, :j] @ u[i1:i1 + j, c]
+        if c < i1 + s1:  # in the sub-block: its own earlier columns are pending
+            out[:, k] = cur[:, c - i1 - s0] - eb[:, s0:j] @ u[i1 + s0:i1 + j, c]
+        elif c < i2:  # later in the block: the whole block's so far are pending
+            out[:, k] = wb[:, c - i1] - eb[:, :j] @ u[i1:i1 + j, c]
+        else:  # after the block: likewise
+            out[:, k] = w[:, c] - eb[:, :j] @ u[i1:i1 + j, c]
     return out
 
 
@@ -181,17 +188,17 @@ class _BlockChooser:
 
 def _run(w, fac, target, block, removable, groups, n_prune):
     rows, cols = w.shape
-    mask = np.zeros(w.shape, dtype=bool)
+    mask = np.zeros(w.shape, dtype=bool, order="F")  # read a column at a time
     diag_u = np.diagonal(fac.u)
     dtype = np.float32 if rows * cols >= SINGLE_WEIGHTS else np.float64
     if groups is not None:
         chooser = _NMChooser(groups, groups.shape[1] - int(target.nm_keep), diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, block, choose_group=chooser, dtype=dtype)
+        new, errors = sweep(w, fac.cast(dtype), mask, block, choose_group=chooser, dtype=dtype)
     else:
         chooser = _BlockChooser(rows, n_prune, removable, diag_u, fac.dead, mask)
-        new, errors = sweep(w, fac.u, mask, block, choose_block=chooser, dtype=dtype)
+        new, errors = sweep(w, fac.cast(dtype), mask, block, choose_block=chooser, dtype=dtype)
     predicted = 0.5 * float(np.sum(np.square(errors[:, ~fac.dead], dtype=np.float64)))
-    return new.astype(np.float64), mask, predicted
+    return new.astype(np.float64, order="C"), mask, predicted
 
 
 def solve(w: np.ndarray, h: np.ndarray, target: Target, block: int = 128) -> Solution:

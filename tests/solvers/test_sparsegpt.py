@@ -231,3 +231,40 @@ def test_single_precision_sweep_of_large_layers_matches_double(monkeypatch, patt
     assert np.mean(single.pruned != double.pruned) < 0.01
     assert layer_error(w, single.weights, h) == pytest.approx(layer_error(w, double.weights, h), rel=1e-3)
     assert single.predicted_loss == pytest.approx(double.predicted_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_single_precision_factor_of_wide_hessians_matches_double(monkeypatch, pattern):
+    """From SINGLE_COLS columns U is factored in float32: U^T U still inverts the damped Hessian to
+    float32's precision, and the solve keeps the double factor's mask up to near-ties and its
+    layer error (the threshold is lowered so that a small case takes it)."""
+    from onnx_lobs.hessian import damped_hessian
+    from onnx_lobs.solvers import factors
+    rng = np.random.default_rng(22)
+    w = rng.standard_normal((40, 96))
+    h = hessian_of(correlated_samples(rng, 600, 96))
+    h[5, :] = h[:, 5] = 0.0  # a dead input, decoupled as in double
+    groups = None if pattern is None else contiguous_groups(96, pattern[1])
+    target = Target(n_prune=w.size // 2, damp=0.01) if pattern is None else \
+        Target(nm=groups, nm_keep=pattern[0], damp=0.01)
+    double = sparsegpt.solve(w, h, target)
+    monkeypatch.setattr(factors, "SINGLE_COLS", 1)
+    fac = inverse_upper_factor(h, 0.01)
+    assert fac.u.dtype == np.float32 and np.array_equal(np.triu(fac.u), fac.u)
+    hd, _ = damped_hessian(h, fac.damp)
+    np.testing.assert_allclose(fac.u.astype(np.float64).T @ fac.u @ hd, np.eye(96), atol=2e-3)
+    single = sparsegpt.solve(w, h, target)
+    assert int(single.pruned.sum()) == int(double.pruned.sum())
+    assert np.mean(single.pruned != double.pruned) < 0.02
+    assert layer_error(w, single.weights, h) == pytest.approx(layer_error(w, double.weights, h), rel=1e-2)
+
+
+def test_a_single_precision_factor_that_fails_falls_back_to_double(monkeypatch):
+    from onnx_lobs.solvers import factors
+    rng = np.random.default_rng(23)
+    h = hessian_of(correlated_samples(rng, 300, 32))
+    monkeypatch.setattr(factors, "SINGLE_COLS", 1)
+    real = factors._upper
+    monkeypatch.setattr(factors, "_upper", lambda hd, dead, d, dtype: None if dtype == np.float32 else real(hd, dead, d, dtype))
+    fac = inverse_upper_factor(h, 0.01)
+    assert fac.u.dtype == np.float64 and fac.damp == 0.01

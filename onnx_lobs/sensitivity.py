@@ -22,38 +22,81 @@ PROBE_SAMPLES = 32  # held-out samples a probe runs on: the ranking needs ratios
 PROBE_FEEDS = 3
 
 
+# A channel holding under this share of its tensor's mean channel energy is measured against
+# that share instead: a class score that stays near zero on the probe must not weigh a million
+# times more than the rest for a change of a few thousandths.
+CHANNEL_FLOOR = 1e-6
+
+
 @dataclass
 class OutputProbe:
-    """The dense model's outputs on some held-out feeds, to compare changed models against."""
+    """The dense model's outputs on some held-out feeds, to compare changed models against.
+
+    The error is relative per channel: each float output counts alike, and within one of rank 3
+    or more each channel of axis 1 (NCHW maps, a detector's [N, 4 + classes, anchors]) counts
+    alike, its squared change over its own energy. By energy alone YOLO's box coordinates, in
+    pixels, held all of it and its class scores, which decide the detections, none."""
 
     feeds: list[dict]
     dense: list[list[np.ndarray]]
     origin: str | None = None
     runs: int = field(default=0, init=False)
     energy: float = field(default=0.0, init=False)
-    _energies: dict = field(default_factory=dict, init=False, repr=False)  # feeds -> their energy
+    _weights: dict = field(default_factory=dict, init=False, repr=False)  # feeds -> per output: 1 / energy
+    _axes: list = field(default_factory=list, init=False, repr=False)  # per output: its channel axis or None
 
     def __post_init__(self):
-        self.energy = self._energy(len(self.dense))
+        # axis 1 is a channel axis only if its size never varies (a recogniser's is its time steps)
+        first = self.dense[0] if self.dense else []
+        self._axes = [1 if ref.ndim >= 3 and len({outs[t].shape[1] for outs in self.dense}) == 1 else None
+                      for t, ref in enumerate(first)]
+        self.energy = sum(float(np.sum(e)) for e in self._energies(len(self.dense)) if e is not None)
 
     def error(self, model: onnx.ModelProto, feeds: int | None = None) -> float:
-        """The changed model's squared output change over the dense outputs' energy (float outputs,
-        summed over every output): the square of the held-out relative L2. feeds: on the first
+        """The changed model's mean squared relative change over the float outputs' channels (for
+        one output with one channel, the square of the held-out relative L2). feeds: on the first
         that many feeds only (a cheaper, rougher probe)."""
         session, names = make_session(model, self.origin), output_names(model)
-        diff, energy = 0.0, self.energy if feeds is None else self._energy(feeds)
+        weights = self._weights_for(len(self.dense) if feeds is None else feeds)
+        diff = 0.0
         for feed, dense in zip(self.feeds[:feeds], self.dense[:feeds]):
-            for got, ref in zip(run(session, names, feed, self.origin or "changed model"), dense):
-                if ref.dtype.kind == "f":
-                    diff += float(np.sum(np.square(got.astype(np.float64) - ref)))
+            got = run(session, names, feed, self.origin or "changed model")
+            for a, ref, wt, axis in zip(got, dense, weights, self._axes):
+                if wt is not None:
+                    diff += float(np.sum(_channel_sums(np.square(a.astype(np.float64) - ref), axis) * wt))
         self.runs += 1
-        return diff / energy if energy > 0 else 0.0
+        return diff
 
-    def _energy(self, feeds: int) -> float:
-        if feeds not in self._energies:
-            self._energies[feeds] = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in self.dense[:feeds]
-                                        for o in outs if o.dtype.kind == "f")
-        return self._energies[feeds]
+    def _energies(self, feeds: int) -> list:
+        """Per output, its energy per channel over the first `feeds` feeds (None if not float)."""
+        totals = []
+        for t, ref in enumerate(self.dense[0] if self.dense else []):
+            if ref.dtype.kind != "f":
+                totals.append(None)
+                continue
+            totals.append(sum(_channel_sums(np.square(outs[t], dtype=np.float64), self._axes[t])
+                              for outs in self.dense[:feeds]))
+        return totals
+
+    def _weights_for(self, feeds: int) -> list:
+        if feeds not in self._weights:
+            energies = self._energies(feeds)
+            alive = [e for e in energies if e is not None and np.sum(e) > 0]
+            weights = []
+            for e in energies:
+                if e is None or np.sum(e) <= 0:
+                    weights.append(None)
+                    continue
+                floor = CHANNEL_FLOOR * float(np.mean(e))
+                weights.append(1.0 / (len(alive) * e.size * np.maximum(e, floor)))
+            self._weights[feeds] = weights
+        return self._weights[feeds]
+
+
+def _channel_sums(a: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return np.array([float(np.sum(a))])
+    return np.sum(a, axis=tuple(i for i in range(a.ndim) if i != axis))
 
 
 def feeds_for(feeds: list[dict], samples: int) -> int:

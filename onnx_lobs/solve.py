@@ -18,7 +18,7 @@ from scipy.linalg import LinAlgError
 from .activations import Collector
 from .errors import LobsError
 from .graph import write_tensor
-from .hessian import damped_solve, layer_error
+from .hessian import damped_solve, layer_error, output_energy
 from .report import LayerRecord
 from .solvers import Target, batched, resolve
 from .solvers.factors import times_inverse
@@ -28,6 +28,7 @@ from .solvers.factors import times_inverse
 # for removing most of a layer, and stronger dampening tempers its compensations.
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0)
 DAMP_ROWS = 96
+GRID_COLS = 1024  # layers of over twice this many columns walk the grid on this many
 W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's unconstrained optimum
 
 
@@ -42,7 +43,7 @@ class Objective:
     def __init__(self, w_old, hp, c, hd, joint: bool):
         self.w_old, self.hp, self.joint = w_old, hp, joint
         self.wc = w_old @ c if joint else None
-        self.energy = 0.5 * float(np.sum((w_old @ hd) * w_old))  # (1/2n) sum ||W x_d||^2
+        self.energy = output_energy(w_old, hd)  # (1/2n) sum ||W x_d||^2
 
     def error(self, w_new) -> float:
         if not self.joint:
@@ -264,37 +265,75 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=N
     DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix. The grid
     is walked upwards and stops at the first dampening that does worse than the one before:
     the error as a function of the dampening has one valley in practice, and each step costs a
-    factorisation. The winner's factorisation is reused for the final solve (memo: the
+    factorisation. On wide layers that factorisation outweighs every sweep (4,609 columns in
+    ResNet-50), so the grid is walked on a principal block of GRID_COLS contiguous columns (whole
+    channels of a convolution): the same kind of inputs with the same correlations, at a
+    hundredth of the cost. The winner's factorisation is reused for the final solve (memo: the
     factorisations of hk made so far). damp, when given, is used instead of the grid.
     """
     memo = {} if memo is None else memo
     solver = functools.partial(spec.solve, **spec.options)
 
-    def target(w, damp):
+    def target(w, h, share, prot, groups, damp, memo):
         if nm is not None:
-            return Target(nm=nm, nm_keep=config.pattern[0], protect=protect, damp=damp, memo=memo)
+            return Target(nm=groups, nm_keep=config.pattern[0], protect=prot, damp=damp, memo=memo)
         if config.max_error is not None:
-            return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ hk) * w)), protect=protect,
+            return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ h) * w)), protect=prot,
                           damp=damp, memo=memo)
-        # count weights to remove from wk; on the grid's row subset, the same share of its rows
-        n = count if w is wk else int(round(count * w.shape[0] / wk.shape[0]))
-        return Target(n_prune=n, protect=protect, damp=damp, memo=memo)
+        return Target(n_prune=int(round(count * share)), protect=prot, damp=damp, memo=memo)
+
+    def final(damp):
+        return solver(wk, hk, target(wk, hk, 1.0, protect, nm, damp, memo))
 
     if damp is not None or config.damp is not None or spec.fixed_damp is not None:
-        damp = next(d for d in (damp, config.damp, spec.fixed_damp) if d is not None)
-        return solver(wk, hk, target(wk, damp))
-    sub = wk if wk.shape[0] <= 2 * DAMP_ROWS else wk[np.linspace(0, wk.shape[0] - 1, DAMP_ROWS).astype(int)]
+        return final(next(d for d in (damp, config.damp, spec.fixed_damp) if d is not None))
+    grid = _grid_problem(wk, hk, protect, nm)
+    sub, hs = grid.w, grid.h
+    grid_memo = memo if hs is hk else {}
     best = best_score = None
     for damp in DAMP_GRID:
-        sol = solver(sub, hk, target(sub, damp))
+        sol = solver(sub, hs, target(sub, hs, grid.share, grid.protect, grid.nm, damp, grid_memo))
         if sol.damp is None:  # the method does not use H^-1: nothing to choose
-            return sol if sub is wk else solver(wk, hk, target(wk, damp))
+            return sol if sub is wk else final(damp)
         # Under --max-error more removals at the same error are better; else lower error.
-        err = layer_error(sub, sol.weights, hk)
+        err = layer_error(sub, sol.weights, hs)
         score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
         if best is not None and score > best_score:
             break
         if best is None or score < best_score:
             best, best_score = (damp, sol), score
     damp, sol = best
-    return sol if sub is wk else solver(wk, hk, target(wk, damp))
+    return sol if sub is wk else final(damp)
+
+
+@dataclass
+class _Grid:
+    w: np.ndarray
+    h: np.ndarray
+    share: float  # of the layer's removals, the grid problem's
+    protect: np.ndarray | None
+    nm: np.ndarray | None
+
+
+def _grid_problem(wk, hk, protect, nm) -> _Grid:
+    """The rows (DAMP_ROWS of them) and, on wide layers, the middle GRID_COLS columns that the damp
+    grid is walked on; under N:M the groups lying wholly inside, renumbered."""
+    rows, cols = wk.shape
+    r = None if rows <= 2 * DAMP_ROWS else np.linspace(0, rows - 1, DAMP_ROWS).astype(int)
+    sub = wk if r is None else wk[r]
+    if cols <= 2 * GRID_COLS:
+        return _Grid(sub, hk, sub.shape[0] / rows, protect, nm)
+    a = (cols - GRID_COLS) // 2
+    idx = np.arange(a, a + GRID_COLS)
+    free = np.ones(cols, bool) if protect is None else ~np.asarray(protect, bool)
+    share = sub.shape[0] * int(free[idx].sum()) / max(rows * int(free.sum()), 1)
+    groups = None
+    if nm is not None:
+        pos = np.full(cols, -1, dtype=np.int64)
+        pos[idx] = np.arange(GRID_COLS)
+        g = np.asarray(nm, dtype=np.int64).reshape(len(nm), -1)
+        groups = pos[g[(pos[g] >= 0).all(axis=1)]]
+        if not len(groups):  # the groups straddle the block: walk the grid on every column
+            return _Grid(sub, hk, sub.shape[0] / rows, protect, nm)
+    return _Grid(np.ascontiguousarray(sub[:, idx]), hk[np.ix_(idx, idx)], share,
+                 None if protect is None else np.asarray(protect)[idx], groups)

@@ -43,3 +43,42 @@ def test_output_probe_takes_whole_feeds_up_to_the_samples_asked():
     assert len(output_probe(feeds, dense, samples=1000).feeds) == 4
     assert output_probe([], []) is None
     assert output_probe(feeds, [[np.zeros((10, 3), np.float32)]] * 4) is None  # nothing to be relative to
+
+
+def _scaled_model(scale: np.ndarray, shift: np.ndarray):
+    """y = x * scale + shift on [N, C, A]: a detector's head, channels of very different sizes."""
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 5])],
+                              [numpy_helper.from_array(scale.astype(np.float32).reshape(1, 2, 1), "s"),
+                               numpy_helper.from_array(shift.astype(np.float32).reshape(1, 2, 1), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_error_weighs_each_channel_of_a_rank_3_output_alike():
+    """Box coordinates in pixels beside class scores under 1: a change of 10% in either channel
+    costs the same, (0.1^2) / 2 channels, though the first holds nearly all of the energy."""
+    rng = np.random.default_rng(1)
+    scale = np.array([300.0, 0.5])
+    feeds = [{"x": rng.uniform(0.5, 1.5, (4, 2, 5)).astype(np.float32)} for _ in range(3)]
+    dense = [[(f["x"] * scale.reshape(1, 2, 1).astype(np.float32))] for f in feeds]
+    probe = OutputProbe(feeds, dense)
+    assert probe.error(_scaled_model(scale, np.zeros(2))) < 1e-12
+    for k in range(2):
+        changed = scale.copy()
+        changed[k] *= 1.1
+        np.testing.assert_allclose(probe.error(_scaled_model(changed, np.zeros(2))), 0.01 / 2, rtol=1e-4)
+
+
+def test_a_channel_near_zero_is_measured_against_a_floor():
+    """An always-zero channel that moves by 1e-3 counts against CHANNEL_FLOOR of the mean channel
+    energy, not against its own zero energy."""
+    from onnx_lobs import sensitivity
+    scale = np.array([1.0, 0.0])
+    feeds = [{"x": np.ones((2, 2, 5), np.float32)} for _ in range(3)]
+    dense = [[(f["x"] * scale.reshape(1, 2, 1).astype(np.float32))] for f in feeds]
+    probe = OutputProbe(feeds, dense)
+    got = probe.error(_scaled_model(scale, np.array([0.0, 1e-3])))
+    energy = 3 * 2 * 5 * 1.0  # channel 0's; the mean over the two channels is half of it
+    want = (3 * 2 * 5 * 1e-6) / (2 * sensitivity.CHANNEL_FLOOR * energy / 2)
+    np.testing.assert_allclose(got, want, rtol=1e-3)

@@ -330,6 +330,8 @@ CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the p
     "sparsegpt-output": {"method": "sparsegpt", "global": True, "allocation": "output"},
     "sparsegpt-output-seq": {"method": "sparsegpt", "global": True, "allocation": "output", "sequential": True},
     "sparsegpt-seq": {"method": "sparsegpt", "sequential": True},
+    "auto-seq": {"sequential": True},  # S of each layer (N:M on each), solved on the pruned model's inputs
+    "default-seq": {"overall": True, "sequential": True},
     "obc": {"method": "obc"},
     "onnxsim": None,
 }

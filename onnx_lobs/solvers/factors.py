@@ -19,7 +19,7 @@ from ..hessian import damped_hessian, damped_inverse, raise_damp_until
 # inverse are O(cols^3) and at ResNet's 4,609 columns they outweighed every sweep of the layer;
 # the damped Hessian's condition is at most about 100 * cols (damp 1% of its mean diagonal), and
 # a failed or non-finite single-precision factor falls back to double.
-SINGLE_COLS = 2048
+SINGLE_COLS = 1024
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .allocation import cheapest_choice
 from .graph import write_tensor
 from .sensitivity import feeds_for
-from .solve import Solved, prepare, solve_groups, write_back
+from .solve import Solved, prepare, solve_groups, stored_tensors, write_back
 
 MAX_ROUNDS = 4  # choices made again with each chosen level measured
 # A layer alone is probed on this many samples (the gains it sets only propose choices); the
@@ -102,6 +102,8 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
     """Each free layer solved at its levels (one factorisation per dampening, shared by the
     levels) around the uniform level (every layer alike removing the overall target: one of the
     candidates), and measured there."""
+    probe.overridable(model, {t.tensor.name for w in free for t in (w.layer.weight, w.layer.bias)
+                              if t is not None and t.node is None})
     curves = []
     bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
@@ -224,7 +226,20 @@ def _probe(probe, model, layer, solved: Solved) -> float:
 
 
 def _probe_with(probe, model, written: list, feeds: int | None = None) -> float:
-    """probe.error with each (layer, solved) written, their dense tensors restored after."""
+    """probe.error with each (layer, solved) written, their dense tensors restored after (fed to
+    the probe's overridable session instead where it can take them)."""
+    tensors = {}
+    for layer, solved in written:
+        weight, bias, _ = stored_tensors(layer, solved)
+        if layer.weight.node is not None or (bias is not None and layer.bias.node is not None):
+            tensors = None  # a Constant node's value: only a new session sees it changed
+            break
+        tensors[layer.weight.tensor.name] = weight
+        if bias is not None:
+            tensors[layer.bias.tensor.name] = bias
+    measured = None if tensors is None else probe.error_with(model, tensors, feeds)
+    if measured is not None:
+        return measured
     saved = [(layer, layer.read(), layer.read_bias()) for layer, _ in written]
     try:
         for layer, solved in written:

@@ -198,18 +198,29 @@ def _corrected_start(p: Problem, k: int, spec, config, memo: dict, out: Solved) 
     return start
 
 
+def stored_tensors(layer, solved: Solved) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The weight and bias tensors (the bias None if it does not change) that write_back stores, in
+    their own dtype, and the removed-weights mask in the weight's shape."""
+    node, adapter = layer.uses[0].node, layer.adapter
+    weight = layer.read()
+    stored = adapter.from_matrices(node, solved.new, weight).astype(weight.dtype)
+    mask = adapter.from_matrices(node, solved.pruned, weight)
+    stored[mask] = 0
+    stored_b = None
+    if solved.new_b is not None:
+        bias = layer.read_bias()
+        stored_b = adapter.bias_from_vector(node, solved.new_b, bias).astype(bias.dtype)
+    return stored, stored_b, mask
+
+
 def write_back(layer, solved: Solved) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Store the new weights (and bias) in their own dtype; returns what was actually stored, as
     (weight tensor, matrices, bias vector, removed-weights mask)."""
     node, adapter = layer.uses[0].node, layer.adapter
-    weight, bias = layer.read(), layer.read_bias()
-    stored = adapter.from_matrices(node, solved.new, weight).astype(weight.dtype)
-    mask = adapter.from_matrices(node, solved.pruned, weight)
-    stored[mask] = 0
+    stored, stored_b, mask = stored_tensors(layer, solved)
     write_tensor(layer.weight, stored)
     new_b = solved.new_b
-    if new_b is not None:
-        stored_b = adapter.bias_from_vector(node, new_b, bias).astype(bias.dtype)
+    if stored_b is not None:
         write_tensor(layer.bias, stored_b)
         new_b = adapter.bias_vector(node, stored_b, solved.new.shape[0] * solved.new.shape[1])
     return stored, adapter.to_matrices(node, stored.astype(np.float64)), new_b, mask

@@ -82,3 +82,23 @@ def test_a_channel_near_zero_is_measured_against_a_floor():
     energy = 3 * 2 * 5 * 1.0  # channel 0's; the mean over the two channels is half of it
     want = (3 * 2 * 5 * 1e-6) / (2 * sensitivity.CHANNEL_FLOOR * energy / 2)
     np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_error_with_overridden_initializers_matches_a_written_model():
+    """The probe's one session with the weights as inputs measures what a session of the changed
+    model measures; names it was not opened for give None (the caller writes them instead)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((5, 6)).astype(np.float32)} for _ in range(3)]
+    dense = [[f["x"] @ w, np.argmax(f["x"] @ w, axis=1)[:, None]] for f in feeds]
+    probe = OutputProbe(feeds, dense)
+    model = _model(w)
+    assert probe.error_with(model, {"w": w}) is None  # not opened yet
+    probe.overridable(model, {"w", "not-an-initializer"})
+    w2 = w.copy()
+    w2[1] = 0.0
+    np.testing.assert_allclose(probe.error_with(model, {"w": w2}), probe.error(_model(w2)), rtol=1e-6)
+    np.testing.assert_allclose(probe.error_with(model, {"w": w2}, feeds=1), probe.error(_model(w2), 1), rtol=1e-6)
+    assert probe.error_with(model, {"w": w}) < 1e-12
+    assert probe.error_with(model, {"other": w}) is None
+    assert [i.name for i in model.graph.input] == ["x"]  # the caller's model is left alone

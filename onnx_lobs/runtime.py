@@ -22,6 +22,10 @@ def make_session(model: onnx.ModelProto, origin: str | None = None, threads: int
     origin (the model's file) starts the error message when onnxruntime refuses the model."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # run-time errors too (level 3 still prints them, in colour)
+    # No spin-waiting between runs: our runs alternate with BLAS work (Hessian sums, solves) on the
+    # same cores, and spinning threads made its small factorisations several times slower.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:  # a fixed thread count, for timings that say what they used
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:

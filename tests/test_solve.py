@@ -204,3 +204,56 @@ def test_stacked_groups_are_least_squares_refits_of_what_each_row_keeps(joint):
             ref = np.linalg.lstsq(ap[:, k][:, keep], ap[:, k] @ w[i], rcond=None)[0]
             np.testing.assert_allclose(new[i, keep], ref, rtol=1e-6, atol=1e-8)
             assert (new[i, ~keep] == 0).all()
+
+
+def _wide_problem(rng, rows=40, cols=30):
+    x = rng.standard_normal((400, cols)) @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)))
+    return rng.standard_normal((rows, cols)), x.T @ x / len(x)
+
+
+def test_the_damp_grid_of_a_wide_layer_runs_on_its_middle_columns(monkeypatch):
+    """Over 2 x GRID_COLS columns the grid problem is the middle GRID_COLS columns of DAMP_ROWS rows,
+    with the matching share of the count, of the protected columns and of the N:M groups."""
+    from onnx_lobs import solve
+    monkeypatch.setattr(solve, "GRID_COLS", 8)
+    monkeypatch.setattr(solve, "DAMP_ROWS", 6)
+    rng = np.random.default_rng(3)
+    w, h = _wide_problem(rng)
+    protect = np.zeros(30, bool)
+    protect[[0, 12, 29]] = True
+    groups = np.arange(28).reshape(7, 4)  # columns 11..18 hold only group 3 (12..15) whole
+    grid = solve._grid_problem(w, h, protect, groups)
+    idx = np.arange(11, 19)
+    rows = np.linspace(0, 39, 6).astype(int)
+    np.testing.assert_array_equal(grid.w, w[rows][:, idx])
+    np.testing.assert_array_equal(grid.h, h[np.ix_(idx, idx)])
+    np.testing.assert_array_equal(grid.protect, protect[idx])
+    np.testing.assert_array_equal(grid.nm, [[1, 2, 3, 4]])
+    assert grid.share == pytest.approx(6 * 7 / (40 * 27))
+    narrow = solve._grid_problem(w[:, :16], h[:16, :16], None, None)  # 16 <= 2 x 8: every column
+    assert narrow.h.shape == (16, 16) and narrow.share == pytest.approx(6 / 40)
+
+
+def test_best_damped_walks_the_grid_on_the_block_and_solves_the_whole_layer_at_its_choice(monkeypatch):
+    from onnx_lobs import solve
+    from onnx_lobs.hessian import layer_error
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solvers import SOLVERS, Target
+    monkeypatch.setattr(solve, "GRID_COLS", 8)
+    monkeypatch.setattr(solve, "DAMP_ROWS", 6)
+    rng = np.random.default_rng(4)
+    w, h = _wide_problem(rng)
+    spec, count = SOLVERS["sparsegpt"], 600
+    grid = solve._grid_problem(w, h, None, None)
+    errors = []
+    for damp in solve.DAMP_GRID:  # the walk, by hand
+        sol = spec.solve(grid.w, grid.h, Target(n_prune=round(count * grid.share), damp=damp), **spec.options)
+        errors.append(layer_error(grid.w, sol.weights, grid.h))
+        if len(errors) > 1 and errors[-1] > errors[-2]:
+            break
+    chosen = solve.DAMP_GRID[int(np.argmin(errors))]
+    got = solve.best_damped(spec, w, h, PruneConfig(sparsity=0.5), count, None)
+    want = spec.solve(w, h, Target(n_prune=count, damp=chosen), **spec.options)
+    assert got.damp == chosen and int(got.pruned.sum()) == count
+    np.testing.assert_array_equal(got.pruned, want.pruned)
+    np.testing.assert_allclose(got.weights, want.weights)

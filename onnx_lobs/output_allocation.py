@@ -102,8 +102,7 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
     """Each free layer solved at its levels (one factorisation per dampening, shared by the
     levels) around the uniform level (every layer alike removing the overall target: one of the
     candidates), and measured there."""
-    probe.overridable(model, {t.tensor.name for w in free for t in (w.layer.weight, w.layer.bias)
-                              if t is not None and t.node is None})
+    probe.overridable(model, {name for w in free for name in _initializers(w.layer)})
     curves = []
     bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
@@ -225,21 +224,27 @@ def _probe(probe, model, layer, solved: Solved) -> float:
     return _probe_with(probe, model, [(layer, solved)], feeds_for(probe.feeds, SINGLE_SAMPLES))
 
 
+def _initializers(layer) -> list[str]:
+    """The names of the layer's weight and bias if both are initializers (what the probe may feed
+    it in place of writing them), else none."""
+    refs = [t for t in (layer.weight, layer.bias) if t is not None]
+    return [t.tensor.name for t in refs] if all(t.node is None for t in refs) else []
+
+
 def _probe_with(probe, model, written: list, feeds: int | None = None) -> float:
     """probe.error with each (layer, solved) written, their dense tensors restored after (fed to
     the probe's overridable session instead where it can take them)."""
-    tensors = {}
-    for layer, solved in written:
-        weight, bias, _ = stored_tensors(layer, solved)
-        if layer.weight.node is not None or (bias is not None and layer.bias.node is not None):
-            tensors = None  # a Constant node's value: only a new session sees it changed
-            break
-        tensors[layer.weight.tensor.name] = weight
-        if bias is not None:
-            tensors[layer.bias.tensor.name] = bias
-    measured = None if tensors is None else probe.error_with(model, tensors, feeds)
-    if measured is not None:
-        return measured
+    # a Constant node's value is not an initializer: only a new session sees it changed
+    if all(_initializers(layer) for layer, _ in written):
+        tensors = {}
+        for layer, solved in written:
+            weight, bias, _ = stored_tensors(layer, solved)
+            tensors[layer.weight.tensor.name] = weight
+            if bias is not None:
+                tensors[layer.bias.tensor.name] = bias
+        measured = probe.error_with(model, tensors, feeds)
+        if measured is not None:
+            return measured
     saved = [(layer, layer.read(), layer.read_bias()) for layer, _ in written]
     try:
         for layer, solved in written:

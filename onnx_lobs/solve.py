@@ -285,29 +285,32 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=N
     memo = {} if memo is None else memo
     solver = functools.partial(spec.solve, **spec.options)
 
-    def target(w, h, share, prot, groups, damp, memo):
+    def solve(g: _Grid, damp, memo):
         if nm is not None:
-            return Target(nm=groups, nm_keep=config.pattern[0], protect=prot, damp=damp, memo=memo)
-        if config.max_error is not None:
-            return Target(max_loss=config.max_error * 0.5 * float(np.sum((w @ h) * w)), protect=prot,
-                          damp=damp, memo=memo)
-        return Target(n_prune=int(round(count * share)), protect=prot, damp=damp, memo=memo)
+            t = Target(nm=g.nm, nm_keep=config.pattern[0], protect=g.protect, damp=damp, memo=memo)
+        elif config.max_error is not None:
+            t = Target(max_loss=config.max_error * output_energy(g.w, g.h), protect=g.protect, damp=damp, memo=memo)
+        else:
+            t = Target(n_prune=int(round(count * g.share)), protect=g.protect, damp=damp, memo=memo)
+        return solver(g.w, g.h, t)
+
+    whole = _Grid(wk, hk, 1.0, protect, nm)
 
     def final(damp):
-        return solver(wk, hk, target(wk, hk, 1.0, protect, nm, damp, memo))
+        return solve(whole, damp, memo)
 
     if damp is not None or config.damp is not None or spec.fixed_damp is not None:
         return final(next(d for d in (damp, config.damp, spec.fixed_damp) if d is not None))
-    grid = _grid_problem(wk, hk, protect, nm)
-    sub, hs = grid.w, grid.h
-    grid_memo = memo if hs is hk else {}
+    grid = _grid_problem(whole)
+    sub = grid.w
+    grid_memo = memo if grid.h is hk else {}
     best = best_score = None
     for damp in DAMP_GRID:
-        sol = solver(sub, hs, target(sub, hs, grid.share, grid.protect, grid.nm, damp, grid_memo))
+        sol = solve(grid, damp, grid_memo)
         if sol.damp is None:  # the method does not use H^-1: nothing to choose
             return sol if sub is wk else final(damp)
         # Under --max-error more removals at the same error are better; else lower error.
-        err = layer_error(sub, sol.weights, hs)
+        err = layer_error(sub, sol.weights, grid.h)
         score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
         if best is not None and score > best_score:
             break
@@ -326,18 +329,17 @@ class _Grid:
     nm: np.ndarray | None
 
 
-def _grid_problem(wk, hk, protect, nm) -> _Grid:
+def _grid_problem(whole: _Grid) -> _Grid:
     """The rows (DAMP_ROWS of them) and, on wide layers, the middle GRID_COLS columns that the damp
     grid is walked on; under N:M the groups lying wholly inside, renumbered."""
+    wk, hk, protect, nm = whole.w, whole.h, whole.protect, whole.nm
     rows, cols = wk.shape
-    r = None if rows <= 2 * DAMP_ROWS else np.linspace(0, rows - 1, DAMP_ROWS).astype(int)
-    sub = wk if r is None else wk[r]
+    sub = wk if rows <= 2 * DAMP_ROWS else wk[np.linspace(0, rows - 1, DAMP_ROWS).astype(int)]
+    by_rows = _Grid(sub, hk, sub.shape[0] / rows, protect, nm)
     if cols <= 2 * GRID_COLS:
-        return _Grid(sub, hk, sub.shape[0] / rows, protect, nm)
+        return by_rows
     a = (cols - GRID_COLS) // 2
     idx = np.arange(a, a + GRID_COLS)
-    free = np.ones(cols, bool) if protect is None else ~np.asarray(protect, bool)
-    share = sub.shape[0] * int(free[idx].sum()) / max(rows * int(free.sum()), 1)
     groups = None
     if nm is not None:
         pos = np.full(cols, -1, dtype=np.int64)
@@ -345,6 +347,8 @@ def _grid_problem(wk, hk, protect, nm) -> _Grid:
         g = np.asarray(nm, dtype=np.int64).reshape(len(nm), -1)
         groups = pos[g[(pos[g] >= 0).all(axis=1)]]
         if not len(groups):  # the groups straddle the block: walk the grid on every column
-            return _Grid(sub, hk, sub.shape[0] / rows, protect, nm)
+            return by_rows
+    free = np.ones(cols, bool) if protect is None else ~np.asarray(protect, bool)
+    share = sub.shape[0] * int(free[idx].sum()) / max(rows * int(free.sum()), 1)
     return _Grid(np.ascontiguousarray(sub[:, idx]), hk[np.ix_(idx, idx)], share,
                  None if protect is None else np.asarray(protect)[idx], groups)

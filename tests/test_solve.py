@@ -222,7 +222,7 @@ def test_the_damp_grid_of_a_wide_layer_runs_on_its_middle_columns(monkeypatch):
     protect = np.zeros(30, bool)
     protect[[0, 12, 29]] = True
     groups = np.arange(28).reshape(7, 4)  # columns 11..18 hold only group 3 (12..15) whole
-    grid = solve._grid_problem(w, h, protect, groups)
+    grid = solve._grid_problem(solve._Grid(w, h, 1.0, protect, groups))
     idx = np.arange(11, 19)
     rows = np.linspace(0, 39, 6).astype(int)
     np.testing.assert_array_equal(grid.w, w[rows][:, idx])
@@ -230,7 +230,7 @@ def test_the_damp_grid_of_a_wide_layer_runs_on_its_middle_columns(monkeypatch):
     np.testing.assert_array_equal(grid.protect, protect[idx])
     np.testing.assert_array_equal(grid.nm, [[1, 2, 3, 4]])
     assert grid.share == pytest.approx(6 * 7 / (40 * 27))
-    narrow = solve._grid_problem(w[:, :16], h[:16, :16], None, None)  # 16 <= 2 x 8: every column
+    narrow = solve._grid_problem(solve._Grid(w[:, :16], h[:16, :16], 1.0, None, None))  # 16 <= 2 x 8: every column
     assert narrow.h.shape == (16, 16) and narrow.share == pytest.approx(6 / 40)
 
 
@@ -244,7 +244,7 @@ def test_best_damped_walks_the_grid_on_the_block_and_solves_the_whole_layer_at_i
     rng = np.random.default_rng(4)
     w, h = _wide_problem(rng)
     spec, count = SOLVERS["sparsegpt"], 600
-    grid = solve._grid_problem(w, h, None, None)
+    grid = solve._grid_problem(solve._Grid(w, h, 1.0, None, None))
     errors = []
     for damp in solve.DAMP_GRID:  # the walk, by hand
         sol = spec.solve(grid.w, grid.h, Target(n_prune=round(count * grid.share), damp=damp), **spec.options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -257,3 +259,35 @@ def test_best_damped_walks_the_grid_on_the_block_and_solves_the_whole_layer_at_i
     assert got.damp == chosen and int(got.pruned.sum()) == count
     np.testing.assert_array_equal(got.pruned, want.pruned)
     np.testing.assert_allclose(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("rows, cols, single", [(2, 10, True), (2, 2048, True), (2, 2049, False), (65, 2047, False)])
+def test_small_layers_are_solved_with_blas_on_one_thread(monkeypatch, rows, cols, single):
+    """solve_groups runs the solver inside blas_threads: one BLAS thread for small matrices, the
+    process's setting for large ones (cols beyond SINGLE_THREAD_COLS, or rows * cols^2 beyond
+    SINGLE_THREAD_WORK: 65 x 2047^2 > 2^28), restored after."""
+    from threadpoolctl import ThreadpoolController
+
+    from onnx_lobs import solve
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solvers import SOLVERS
+
+    def threads():
+        return {i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"}
+
+    seen = []
+
+    def spy(w, h, target, **kw):
+        seen.append(threads())
+        return SOLVERS["magnitude"].solve(w, h, target)
+
+    monkeypatch.setitem(SOLVERS, "spy", dataclasses.replace(SOLVERS["magnitude"], name="spy", solve=spy))
+    monkeypatch.setattr(solve, "resolve", lambda method, g, rows, width: SOLVERS["spy"])
+    with ThreadpoolController().limit(limits=2, user_api="blas"):
+        before = threads()
+        if not before:
+            pytest.skip("threadpoolctl finds no BLAS here")
+        p = solve.Problem(np.ones((1, rows, cols - 1)), np.ones((1, rows)), (np.eye(cols)[None],) * 3, False)
+        solve.solve_groups(p, 0.5, PruneConfig(damp=0.01), None, "layer")
+        after = threads()
+    assert seen == [{1} if single else before] and after == before == {2}

@@ -16,10 +16,12 @@ from ..hessian import damped_hessian, damped_inverse, raise_damp_until
 
 
 # From this many columns U is computed in single precision: the Cholesky and the triangular
-# inverse are O(cols^3) and at ResNet's 4,609 columns they outweighed every sweep of the layer;
-# the damped Hessian's condition is at most about 100 * cols (damp 1% of its mean diagonal), and
-# a failed or non-finite single-precision factor falls back to double.
-SINGLE_COLS = 1024
+# inverse are O(cols^3) and from a few hundred columns they outweigh the layer's sweeps, each damp
+# of the grid costing one (ocr-v6-rec's 384 x 768 convs: 0.185 s a solve in double, 0.10 in
+# single, the same results to 4 digits); the damped Hessian's condition is at most about
+# 100 * cols (damp 1% of its mean diagonal), and a failed or non-finite single-precision factor
+# falls back to double.
+SINGLE_COLS = 512
 
 
 @dataclass

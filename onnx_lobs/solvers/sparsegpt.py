@@ -55,7 +55,7 @@ INNER = 16  # columns whose corrections are gathered per column (matrix-vector);
 # From this many weights the sweep runs in single precision: on wide layers with many rows its
 # column steps are bound by memory traffic, which halves (as OBC's stacks, solvers/obc.py; the
 # float64 reference tests run below it, and a test compares both precisions above it).
-SINGLE_WEIGHTS = 1 << 20
+SINGLE_WEIGHTS = 1 << 18
 
 
 def sweep(w, u, mask, block, choose_block=None, choose_group=None, inner=None, dtype=np.float64):

@@ -102,7 +102,8 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
     """Each free layer solved at its levels (one factorisation per dampening, shared by the
     levels) around the uniform level (every layer alike removing the overall target: one of the
     candidates), and measured there."""
-    probe.overridable(model, {name for w in free for name in _initializers(w.layer)})
+    probe.overridable(model, {name for w in free for name in _value_names(w.layer)},
+                      tail_feeds=feeds_for(probe.feeds, SINGLE_SAMPLES))
     curves = []
     bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
@@ -224,24 +225,22 @@ def _probe(probe, model, layer, solved: Solved) -> float:
     return _probe_with(probe, model, [(layer, solved)], feeds_for(probe.feeds, SINGLE_SAMPLES))
 
 
-def _initializers(layer) -> list[str]:
-    """The names of the layer's weight and bias if both are initializers (what the probe may feed
-    it in place of writing them), else none."""
-    refs = [t for t in (layer.weight, layer.bias) if t is not None]
-    return [t.tensor.name for t in refs] if all(t.node is None for t in refs) else []
+def _value_names(layer) -> list[str]:
+    """The names of the values that hold the layer's weight and bias (initializers, or Constant
+    nodes' outputs): what the probe may feed it in place of writing them."""
+    return [t.value.name for t in (layer.weight, layer.bias) if t is not None]
 
 
 def _probe_with(probe, model, written: list, feeds: int | None = None) -> float:
     """probe.error with each (layer, solved) written, their dense tensors restored after (fed to
     the probe's overridable session instead where it can take them)."""
-    # a Constant node's value is not an initializer: only a new session sees it changed
-    if all(_initializers(layer) for layer, _ in written):
+    if probe.can_feed({n for layer, _ in written for n in _value_names(layer)}):
         tensors = {}
         for layer, solved in written:
             weight, bias, _ = stored_tensors(layer, solved)
-            tensors[layer.weight.tensor.name] = weight
+            tensors[layer.weight.value.name] = weight
             if bias is not None:
-                tensors[layer.bias.tensor.name] = bias
+                tensors[layer.bias.value.name] = bias
         measured = probe.error_with(model, tensors, feeds)
         if measured is not None:
             return measured

@@ -228,3 +228,50 @@ class SegmentedPass:
 
     def close(self) -> None:
         self.store.close()
+
+
+# ----------------------------------------------------------------------------- probe tails
+
+@dataclass
+class Tail:
+    """The main graph from node `start` on: all that a change to weights first read there can
+    move, fed the values it reads from before (an output probe then skips the nodes before)."""
+
+    start: int
+    reads: list[str]  # values made before `start`, or graph inputs, that its nodes read
+    outputs: list[str]  # the model's outputs its nodes make (the others cannot change)
+
+
+def first_reads(model: onnx.ModelProto, names: set[str]) -> dict[str, int]:
+    """Each name's first reader in the main graph, by position (a node reads what its bodies read)."""
+    first: dict[str, int] = {}
+    for k, site in enumerate(GraphIndex(model).main()):
+        for n in _used_names(site) & names:
+            first.setdefault(n, k)
+    return first
+
+
+def tails(model: onnx.ModelProto, starts: list[int]) -> list[Tail]:
+    """The tails from these node positions (main-graph order is topological)."""
+    index = GraphIndex(model)
+    main = index.main()
+    uses = [_used_names(site) for site in main]
+    made_at = {v.name: k for k, site in enumerate(main) for v in site.node.outputs if v.name}
+    inits = set(index.ir.graph.initializers) | index.sparse_names(index.ir.graph)
+    inputs = [v.name for v in index.ir.graph.inputs if v.name not in inits]
+    outputs = [v.name for v in index.ir.graph.outputs]
+    out = []
+    for s in starts:
+        read = set().union(*uses[s:]) if s < len(main) else set()
+        reads = sorted(n for n in read if made_at.get(n, len(main)) < s) + [n for n in inputs if n in read]
+        out.append(Tail(s, reads, [n for n in outputs if made_at.get(n, -1) >= s]))
+    return out
+
+
+def tail_model(model: onnx.ModelProto, tail: Tail, types: dict) -> onnx.ModelProto:
+    """The model cut down to the tail, its reads as inputs (types: name -> (onnx elem type, rank))."""
+    m = read_ir(model)
+    nodes = tuple(range(tail.start, len(m.graph)))
+    inputs = tuple((n, *types[n]) for n in tail.reads)
+    rewrite.apply(ExtractSegment(), m, Cut(nodes, inputs, tuple(tail.outputs)))
+    return rewrite.to_proto(m, model)

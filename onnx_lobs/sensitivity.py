@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from . import activations, rewrite, segments
 from .errors import LobsError
 from .runtime import make_session, output_names, run
 
@@ -27,6 +29,26 @@ PROBE_FEEDS = 3
 # that share instead: a class score that stays near zero on the probe must not weigh a million
 # times more than the rest for a change of a few thousandths.
 CHANNEL_FLOOR = 1e-6
+
+# Probes of one layer run from the latest of up to TAILS points before it (segments.Tail): on a
+# chain, half the forward pass on average instead of all of it. Each tail is a session holding
+# its part of the weights, so there are fewer on large models (TAIL_MODEL_BYTES over the
+# weights' size), and none if the dense values fed to them would pass TAIL_VALUE_BYTES.
+TAILS = 3
+TAIL_MODEL_BYTES = 1 << 30
+TAIL_VALUE_BYTES = 1 << 30
+
+
+@dataclass
+class _Tail:
+    cut: segments.Tail
+    session: object
+    names: set  # the overridable initializers it holds
+    reads: list[dict]  # per feed: the dense values it reads
+    dense: list[list[np.ndarray]]  # per feed: its dense outputs
+    index: list[int]  # its outputs' positions among the model's
+    first: dict  # initializer name -> position of its first reader
+    feeds: int  # the feed count it serves
 
 
 @dataclass
@@ -46,6 +68,7 @@ class OutputProbe:
     _weights: dict = field(default_factory=dict, init=False, repr=False)  # feeds -> per output: 1 / energy
     _axes: list = field(default_factory=list, init=False, repr=False)  # per output: its channel axis or None
     _open: tuple | None = field(default=None, init=False, repr=False)  # overridable's (session, outputs, names)
+    _tails: list = field(default_factory=list, init=False, repr=False)  # overridable's _Tail, by start
 
     def __post_init__(self):
         # axis 1 is a channel axis only if its size never varies (a recogniser's is its time steps)
@@ -59,49 +82,103 @@ class OutputProbe:
         one output with one channel, the square of the held-out relative L2). feeds: on the first
         that many feeds only (a cheaper, rougher probe)."""
         session, names = make_session(model, self.origin), output_names(model)
-        return self._compare(lambda feed: run(session, names, feed, self.origin or "changed model"), feeds)
+        origin = self.origin or "changed model"
+        return self._compare(lambda i: enumerate(zip(run(session, names, self.feeds[i], origin), self.dense[i])),
+                             feeds)
 
-    def _compare(self, outputs, feeds: int | None) -> float:
-        weights = self._weights_for(len(self.dense) if feeds is None else feeds)
+    def _compare(self, pairs, feeds: int | None) -> float:
+        """pairs(i): (output index, (changed, dense)) for the outputs that may differ on feed i."""
+        n = len(self.dense) if feeds is None else min(feeds, len(self.dense))
+        weights = self._weights_for(n)
         diff = 0.0
-        for feed, dense in zip(self.feeds[:feeds], self.dense[:feeds]):
-            got = outputs(feed)
-            for a, ref, wt, axis in zip(got, dense, weights, self._axes):
-                if wt is not None:
-                    diff += float(np.sum(_channel_sums(np.square(a.astype(np.float64) - ref), axis) * wt))
+        for i in range(n):
+            for t, (a, ref) in pairs(i):
+                if weights[t] is not None:
+                    sq = np.square(a.astype(np.float64) - ref)
+                    diff += float(np.sum(_channel_sums(sq, self._axes[t]) * weights[t]))
         self.runs += 1
         return diff
 
-    def overridable(self, model: onnx.ModelProto, names: set[str]) -> None:
-        """Let error_with replace these main-graph initializers of `model` (as it is now, dense) by
-        feeding them: one session in which they are inputs with their values as defaults, instead
-        of a session per changed model (ddddocr: 0.39 s a probe against 0.65)."""
-        # onnxruntime's Python feeds take numpy's own float types, not bfloat16 or float8
-        fed = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-        main = {t.name for t in model.graph.initializer if t.data_type in fed}
-        names = set(names) & main
+    def overridable(self, model: onnx.ModelProto, names: set[str], tail_feeds: int | None = None) -> None:
+        """Let error_with replace these values of `model` (as it is now, dense), main-graph
+        initializers or Constant nodes' outputs, by feeding them: one session in which they are inputs with their values as defaults, instead
+        of a session per changed model (ddddocr: 0.39 s a probe against 0.65). With tail_feeds,
+        probes on that many feeds also get tails: sessions of the graph from a few points on,
+        fed the dense values it reads there, so that a change first read late skips the nodes
+        before (each tail's outputs are compared with its own dense run, so an unchanged tail
+        measures exactly 0)."""
+        base = _as_initializers(model, names)  # Constant nodes' weights fed alike
+        names = set(names) & _feedable(base)
+        self._open, self._tails = None, []
         if not names:
             return
-        open_model = onnx.ModelProto()
-        open_model.CopyFrom(model)
-        listed = {i.name for i in open_model.graph.input}
-        for t in open_model.graph.initializer:
-            if t.name in names and t.name not in listed:
-                open_model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        open_model.ir_version = max(open_model.ir_version, 4)
         try:
-            self._open = (make_session(open_model, self.origin), output_names(model), names)
+            self._open = (make_session(_opened(base, names), self.origin), output_names(model), names)
         except LobsError:  # onnxruntime wants some of them constant: a session per probe, as before
-            self._open = None
+            return
+        if tail_feeds:
+            self._tails = self._make_tails(base, names, min(tail_feeds, len(self.feeds)))
+
+    def can_feed(self, names: set[str]) -> bool:
+        """Whether error_with takes these values (every one an overridable weight)."""
+        return self._open is not None and set(names) <= self._open[2]
 
     def error_with(self, model: onnx.ModelProto, tensors: dict, feeds: int | None = None) -> float | None:
-        """error() of `model` with these initializers replaced, through the session of overridable;
-        None when it cannot take them all (then write them and call error)."""
-        if self._open is None or not set(tensors) <= self._open[2]:
+        """error() of `model` with these initializers replaced, through the session of overridable
+        (or the latest tail before the first node reading any of them); None when it cannot take
+        them all (then write them and call error)."""
+        if not self.can_feed(set(tensors)):
             return None
+        origin = self.origin or "changed model"
+        tail = self._tail_for(tensors, feeds)
+        if tail is not None:
+            def pairs(i):
+                fed = {n: v for n, v in tensors.items() if n in tail.names}
+                got = run(tail.session, tail.cut.outputs, {**tail.reads[i], **fed}, origin)
+                return zip(tail.index, zip(got, tail.dense[i]))
+            return self._compare(pairs, feeds)
         session, names, _ = self._open
-        return self._compare(lambda feed: run(session, names, {**feed, **tensors}, self.origin or "changed model"),
-                             feeds)
+        return self._compare(
+            lambda i: enumerate(zip(run(session, names, {**self.feeds[i], **tensors}, origin), self.dense[i])), feeds)
+
+    def _tail_for(self, tensors: dict, feeds: int | None):
+        if not self._tails or feeds != self._tails[0].feeds or not tensors:
+            return None
+        first = min(self._tails[0].first.get(n, -1) for n in tensors)
+        return next((t for t in reversed(self._tails) if t.cut.start <= first), None)
+
+    def _make_tails(self, model: onnx.ModelProto, names: set[str], feeds: int) -> list:
+        """Up to TAILS tails, starting at the first readers of evenly spaced layers' weights."""
+        first = segments.first_reads(model, names)
+        count = min(TAILS, TAIL_MODEL_BYTES // max(_weight_bytes(model), 1))
+        starts = sorted(set(first.values()))
+        picks = sorted({starts[len(starts) * (k + 1) // (count + 1)] for k in range(count)} - {0}) if starts else []
+        cuts = [c for c in segments.tails(model, picks) if c.outputs]
+        if not cuts:
+            return []
+        wanted = sorted({n for c in cuts for n in c.reads} - set(self.feeds[0]))
+        try:
+            exposed, where = activations.expose(model, [(n, (), np.float32) for n in wanted])
+            session = make_session(exposed, self.origin)
+            outs = [where[(n, ())].output for n in wanted]
+            values = [{**self.feeds[i], **dict(zip(wanted, run(session, outs, self.feeds[i], "probe")))}
+                      for i in range(feeds)]
+            del session
+            if sum(v.nbytes for vals in values for n, v in vals.items() if n in wanted) > TAIL_VALUE_BYTES:
+                return []
+            types = {n: (helper.np_dtype_to_tensor_dtype(v.dtype), v.ndim) for n, v in values[0].items()}
+            made = []
+            for c in cuts:
+                sub = segments.tail_model(model, c, types)
+                fed = names & {t.name for t in sub.graph.initializer}
+                sess = make_session(_opened(sub, fed), self.origin)
+                reads = [{n: vals[n] for n in c.reads} for vals in values]
+                dense = [run(sess, c.outputs, r, "probe") for r in reads]
+                index = [output_names(model).index(n) for n in c.outputs]
+                made.append(_Tail(c, sess, fed, reads, dense, index, first, feeds))
+            return made
+        except (LobsError, rewrite.RewriteError):  # a graph the cut or onnxruntime does not take: whole runs
+            return []
 
     def _energies(self, feeds: int) -> list:
         """Per output, its energy per channel over the first `feeds` feeds (None if not float)."""
@@ -127,6 +204,49 @@ class OutputProbe:
                 weights.append(1.0 / (len(alive) * e.size * np.maximum(e, floor)))
             self._weights[feeds] = weights
         return self._weights[feeds]
+
+
+def _feedable(model: onnx.ModelProto) -> set[str]:
+    # onnxruntime's Python feeds take numpy's own float types, not bfloat16 or float8
+    fed = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    return {t.name for t in model.graph.initializer if t.data_type in fed}
+
+
+def _as_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """The model with the main graph's Constant nodes that make these names (by a tensor value)
+    turned into initializers of those names: the same model, whose weights can then be fed."""
+    if not any(n.op_type == "Constant" and n.output[0] in names for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = []
+    for node in out.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and node.output[0] in names:
+            init = out.graph.initializer.add()
+            init.CopyFrom(value)
+            init.name = node.output[0]
+        else:
+            keep.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
+def _opened(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of the model in which these initializers are also inputs (their values the defaults)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    listed = {i.name for i in out.graph.input}
+    for t in out.graph.initializer:
+        if t.name in names and t.name not in listed:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out.ir_version = max(out.ir_version, 4)
+    return out
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(np.prod(t.dims, dtype=np.int64) * 4 for t in model.graph.initializer)
 
 
 def _channel_sums(a: np.ndarray, axis: int | None) -> np.ndarray:

@@ -145,3 +145,33 @@ def test_segments_match_whole_passes_exactly_in_float64(monkeypatch):
     wa, wb = _weights(a.model), _weights(b.model)
     for name in wa:
         np.testing.assert_allclose(wa[name], wb[name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_tail_fed_the_values_it_reads_computes_the_models_outputs():
+    """segments.tails: the values made before the start (and the graph inputs) that later nodes
+    read, the outputs made from there on; the cut model run on them gives the whole model's."""
+    from onnx_lobs.runtime import make_session
+
+    rng = np.random.default_rng(5)
+    w = [rng.standard_normal((4, 4)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w1"], ["a"]), helper.make_node("Add", ["a", "r"], ["s"]),
+             helper.make_node("MatMul", ["x", "w2"], ["b"]), helper.make_node("Add", ["s", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(a, f"w{k}") for k, a in enumerate(w)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    h = x @ w[0]
+    r = np.maximum(h, 0)
+    y = r @ w[1] + r + x @ w[2]
+    assert segments.first_reads(model, {"w0", "w1", "w2", "r"}) == {"w0": 0, "w1": 2, "w2": 4, "r": 2}
+    t2, t4 = segments.tails(model, [2, 4])
+    assert (t2.reads, t2.outputs) == (["r", "x"], ["y"]) and (t4.reads, t4.outputs) == (["s", "x"], ["y"])
+    types = {n: (TensorProto.FLOAT, 2) for n in ("r", "s", "x")}
+    got = make_session(segments.tail_model(model, t2, types)).run(["y"], {"r": r, "x": x})[0]
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+    got = make_session(segments.tail_model(model, t4, types)).run(["y"], {"s": r @ w[1] + r, "x": x})[0]
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+    assert len(model.graph.node) == 6  # the caller's model is left alone

@@ -102,3 +102,55 @@ def test_error_with_overridden_initializers_matches_a_written_model():
     assert probe.error_with(model, {"w": w}) < 1e-12
     assert probe.error_with(model, {"other": w}) is None
     assert [i.name for i in model.graph.input] == ["x"]  # the caller's model is left alone
+
+
+def _branchy(ws: dict):
+    """x -> MatMul w1 -> Relu -> r; s = r + r @ w2; y = s @ w3 + x @ w4, with w3 a Constant node's
+    output and an early output h (made before the later layers: no tail of theirs changes it)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["r2"]), helper.make_node("Add", ["r", "r2"], ["s"]),
+             helper.make_node("Constant", [], ["w3"], value=numpy_helper.from_array(ws["w3"], "c")),
+             helper.make_node("MatMul", ["s", "w3"], ["a"]), helper.make_node("MatMul", ["x", "w4"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    inits = [numpy_helper.from_array(ws[k], k) for k in ("w1", "w2", "w4")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 5]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_tails_measure_what_the_whole_changed_model_measures(monkeypatch):
+    """Probes through tails (the graph from a layer's first reader on, fed the dense values it
+    reads) and through the Constant node made an input agree with sessions of written models;
+    an unchanged tail measures exactly 0, and the caller's model is left alone."""
+    from onnx_lobs import sensitivity
+    from onnx_lobs.runtime import make_session
+
+    rng = np.random.default_rng(4)
+    shapes = {"w1": (6, 5), "w2": (5, 5), "w3": (5, 3), "w4": (6, 3)}
+    ws = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    model = _branchy(ws)
+    feeds = [{"x": rng.standard_normal((4, 6)).astype(np.float32)} for _ in range(4)]
+    sess = make_session(model)
+    dense = [sess.run(["h", "y"], f) for f in feeds]
+    probe = OutputProbe(feeds, dense)
+    monkeypatch.setattr(sensitivity, "TAILS", 3)
+    probe.overridable(model, set(shapes), tail_feeds=3)
+    # the first readers of w2, w3, w4, counted without the Constant node (now an initializer)
+    assert [t.cut.start for t in probe._tails] == [2, 4, 5]
+    assert len(model.graph.node) == 8 and [i.name for i in model.graph.input] == ["x"]
+    for name, start in [("w1", None), ("w2", 2), ("w3", 4), ("w4", 5)]:
+        changed = ws[name].copy()
+        changed[1] = 0.0
+        tail = probe._tail_for({name: changed}, 3)
+        assert (tail and tail.cut.start) == start
+        unchanged = probe.error_with(model, {name: ws[name]}, feeds=3)
+        assert unchanged == 0.0 if start else unchanged < 1e-12
+        written = _branchy({**ws, name: changed})
+        np.testing.assert_allclose(probe.error_with(model, {name: changed}, feeds=3), probe.error(written, 3),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(probe.error_with(model, {name: changed}), probe.error(written), rtol=1e-5)
+    both = {"w2": np.zeros_like(ws["w2"]), "w4": np.zeros_like(ws["w4"])}
+    assert probe._tail_for(both, 3).cut.start == 2
+    np.testing.assert_allclose(probe.error_with(model, both, feeds=3),
+                               probe.error(_branchy({**ws, **both}), 3), rtol=1e-5)

@@ -133,6 +133,11 @@ def cheapest_choice(options: list[list[tuple[float, float]]], target: float, bin
         best = new
         picks.append(pick)
         prevs.append(prev)
+    if not np.isfinite(best[bins]):
+        # Reachable only in exact counts, lost to the rounding down (the target is every group's
+        # largest saving, or within a few steps of it: --global with --pattern N:M, where every
+        # layer must take the pattern): every group's largest saving does reach it.
+        return [max(range(len(opts)), key=lambda j: opts[j][0]) for opts in options]
     chosen, state = [0] * len(options), bins
     for g in range(len(options) - 1, -1, -1):
         chosen[g], state = int(picks[g][state]), int(prevs[g][state])

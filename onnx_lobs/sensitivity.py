@@ -101,8 +101,9 @@ class OutputProbe:
 
     def overridable(self, model: onnx.ModelProto, names: set[str], tail_feeds: int | None = None) -> None:
         """Let error_with replace these values of `model` (as it is now, dense), main-graph
-        initializers or Constant nodes' outputs, by feeding them: one session in which they are inputs with their values as defaults, instead
-        of a session per changed model (ddddocr: 0.39 s a probe against 0.65). With tail_feeds,
+        initializers or Constant nodes' outputs, by feeding them: one session in which they are
+        inputs with their values as defaults, instead of a session per changed model (ddddocr:
+        0.39 s a probe against 0.65). With tail_feeds,
         probes on that many feeds also get tails: sessions of the graph from a few points on,
         fed the dense values it reads there, so that a change first read late skips the nodes
         before (each tail's outputs are compared with its own dense run, so an unchanged tail

@@ -49,6 +49,15 @@ def test_cheapest_choice_takes_small_steps_where_a_big_one_would_pass_the_target
     assert cheapest_choice(options, 99.0) == [1, 2]  # out of reach: everything
 
 
+def test_cheapest_choice_reaches_a_target_that_only_every_largest_saving_meets():
+    """--global 0.5 --pattern 2:4 asks for exactly what every layer's pattern removes: counted in
+    bins rounded down (256 + 1024 + 2048 weights, 2000 bins) the sum falls a few bins short, and
+    the choice must still be every layer's pattern, not none."""
+    options = [[(0, 0.0), (256, 1e-4)], [(0, 0.0), (1024, 2e-3)], [(0, 0.0), (2048, 3e-3)]]
+    assert cheapest_choice(options, 3328) == [1, 1, 1]
+    assert cheapest_choice(options, 3000) == [0, 1, 1]
+
+
 def test_removal_costs_are_obs_costs_over_output_energy():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 5))

@@ -10,6 +10,7 @@ numpy's measured fp32 / fp64 matmul rate on this machine.
 
     python tools/bench_speed.py                              # ResNet-50, 128 samples
     python tools/bench_speed.py --model resnet18 --samples 64 --profile
+    python tools/bench_speed.py --default                    # the CLI default (allocation by output)
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet50")
     ap.add_argument("--method", default=default_method, choices=METHODS)
+    ap.add_argument("--default", action="store_true",
+                    help="the CLI's default instead: --sparsity 0.5 overall, allocated by output, method auto "
+                         "(--method is then ignored)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--damp", type=float, default=None, help="default: chosen per layer by the library")
@@ -221,8 +225,9 @@ def run(args, sequential: bool) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as folder:
         path = os.path.join(folder, f"{args.model}.onnx")
         onnx.save_model(net.model(), path)
-        config = onnx_lobs.PruneConfig(sparsity=0.5, method=args.method, batch_size=args.batch_size,
-                                       damp=args.damp, seed=args.seed, sequential=sequential)
+        budget = dict(global_sparsity=0.5, method="auto") if args.default else dict(sparsity=0.5, method=args.method)
+        config = onnx_lobs.PruneConfig(**budget, batch_size=args.batch_size, damp=args.damp, seed=args.seed,
+                                       sequential=sequential)
         wall, cpu = time.perf_counter(), time.process_time()
         result = onnx_lobs.prune(path, {"input": x}, config)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -240,14 +245,15 @@ def run(args, sequential: bool) -> float:
     n_fwd = rep.samples["calibration"] + rep.samples["held_out"]
     floor = {"forward": n_fwd * fwd_flops / (fp32 * 1e9), "hessian": hess_flops / (fp32 * 1e9)}
     env = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
-    print(f"model {args.model}: {len(net.convs)} layers ({len(done)} pruned), method {args.method}, "
+    method = "default (auto, allocated by output)" if args.default else args.method
+    print(f"model {args.model}: {len(net.convs)} layers ({len(done)} pruned), method {method}, "
           f"samples {rep.samples}, batch {args.batch_size}, damp {'auto' if args.damp is None else args.damp}")
     print(f"machine: {os.cpu_count()} cpus, OPENBLAS_CORETYPE={env}, numpy matmul fp32 {fp32:.0f} GFLOP/s, "
           f"fp64 {fp64:.0f} GFLOP/s")
     print(f"floor: forward {n_fwd * fwd_flops / 1e9:.0f} GFLOP, hessian {hess_flops / 1e9:.0f} GFLOP "
           f"(fp32 {floor['hessian']:.2f} s, fp64 {hess_flops / (fp64 * 1e9):.2f} s)")
     print(f"{'phase':>10} {'seconds':>9} {'x floor':>8}")
-    for phase in ("load", "prepare", "forward", "hessian", "solve", "verify", "total"):
+    for phase in ("load", "prepare", "forward", "hessian", "allocate", "solve", "verify", "total"):
         if phase in rep.timings:
             ratio = f"{rep.timings[phase] / floor[phase]:8.2f}" if phase in floor else ""
             print(f"{phase:>10} {rep.timings[phase]:9.2f} {ratio}")

@@ -255,23 +255,25 @@ def write_back(layer, solved: Solved) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecord) -> None:
     """The exact layer-wise errors of the stored weights, on calibration and held-out samples."""
-    held = c.hessians(c.hold) if c.hold.n else None
+    # independent mode reads the held-out error off the totals (HessianAccumulator.quadratic_form)
+    held = c.hessians(c.hold) if c.hold.n and p.joint else None
     err = energy = hold_err = dense_hold_err = 0.0
     for k in range(p.old.shape[0]):
         a, b = p.augmented(p.old, p.old_b, k), p.augmented(new, new_b, k)
         err += p.objectives[k].error(b)
         energy += p.objectives[k].energy
         if held is not None:
-            e = (Objective(a, held[0][k], held[1][k], held[2][k], True).error(b) if p.joint
-                 else layer_error(a, b, held[0][k]))
-            hold_err += e
-            dense_hold_err += layer_error(a, b, held[2][k]) if p.joint else e
+            hold_err += Objective(a, held[0][k], held[1][k], held[2][k], True).error(b)
+            dense_hold_err += layer_error(a, b, held[2][k])
+        elif c.hold.n:
+            hold_err += c.hold.quadratic_form(k, b - a)
+    dense_hold_err = dense_hold_err if p.joint else hold_err
     # Zero up to rounding can come out a hair below zero.
     err, hold_err, dense_hold_err = max(err, 0.0), max(hold_err, 0.0), max(dense_hold_err, 0.0)
     record.error = err
     record.rel_error = err / energy if energy > 0 else 0.0
-    record.holdout_error = hold_err if held is not None else None
-    record.dense_input_holdout_error = dense_hold_err if held is not None else None
+    record.holdout_error = hold_err if c.hold.n else None
+    record.dense_input_holdout_error = dense_hold_err if c.hold.n else None
 
 
 def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,

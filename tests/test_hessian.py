@@ -492,3 +492,39 @@ def test_joint_blocks_equal_the_direct_means(groups, cols, bias):
     np.testing.assert_allclose(hp, whole[:, p][:, :, p], rtol=1e-14, atol=0)
     np.testing.assert_allclose(c, whole[:, d][:, :, p], rtol=1e-14, atol=0)
     np.testing.assert_allclose(hd, whole[:, d][:, :, d], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cols", [7, 300])
+def test_quadratic_form_from_the_totals_is_the_one_through_the_assembled_hessian(monkeypatch, bias, cols):
+    """HessianAccumulator.quadratic_form reads the totals' upper triangle; the reference assembles
+    H and multiplies through it (float64, and float32 past SINGLE_FORM)."""
+    from onnx_lobs.hessian import quadratic_form
+
+    rng = np.random.default_rng(1)
+    acc = HessianAccumulator(2, cols, bias)
+    for _ in range(3):
+        acc.add(rng.standard_normal((2, 50, cols)).astype(np.float32) + 0.5)
+    w = rng.standard_normal((64, cols + bias))
+    h = acc.hessian()
+    for k in range(2):
+        want = quadratic_form(w, h[k])
+        assert acc.quadratic_form(k, w) == pytest.approx(want, rel=1e-10)
+        monkeypatch.setattr(hessian, "SINGLE_FORM", 1)  # the float32 product
+        assert acc.quadratic_form(k, w) == pytest.approx(want, rel=1e-5)
+        monkeypatch.setattr(hessian, "SINGLE_FORM", 1 << 28)
+
+
+def test_the_reversed_damped_hessian_is_the_damped_one_with_its_order_reversed():
+    from onnx_lobs.hessian import damped_hessian
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 6))
+    x[:, [1, 4]] = 0.0  # dead inputs
+    h = x.T @ x / 40
+    hd, dead = damped_hessian(h, 0.1)
+    rev, dead_r = damped_hessian(h, 0.1, np.float32, reverse=True)
+    assert rev.dtype == np.float32 and rev.flags.c_contiguous
+    np.testing.assert_array_equal(dead_r, dead)
+    np.testing.assert_allclose(rev, hd[::-1, ::-1], rtol=1e-6)
+    assert hd[1, 1] == pytest.approx(1.0 + 0.1 * np.mean(np.diagonal(h))) and not hd[1, [0, 2, 3, 5]].any()

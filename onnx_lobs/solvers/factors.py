@@ -54,18 +54,17 @@ def inverse_upper_factor(h: np.ndarray, damp: float, max_tries: int = 8) -> Inve
     single = h.shape[0] >= SINGLE_COLS
 
     def attempt(d):
-        hd, dead = damped_hessian(h, d)
-        return (single and _upper(hd, dead, d, np.float32)) or _upper(hd, dead, d, np.float64)
+        return (single and _upper(h, d, np.float32)) or _upper(h, d, np.float64)
 
     return raise_damp_until(attempt, damp, max_tries)
 
 
-def _upper(hd, dead, d, dtype):
-    n = hd.shape[0]
-    # P Hd P as a C array is Hd's memory reversed. LAPACK sees that memory in Fortran order, i.e.
-    # transposed: its upper Cholesky factor R (P Hd P = R^T R) and then R^-1 are, read back in C
-    # order, L = R^T and L^-1. No copies beyond the two reversals (and the cast).
-    rev = hd.ravel()[::-1].astype(dtype).reshape(n, n)
+def _upper(h, d, dtype):
+    # P Hd P (damped_hessian's reverse: Hd's memory reversed, a C array) is seen by LAPACK in
+    # Fortran order, i.e. transposed: its upper Cholesky factor R (P Hd P = R^T R) and then R^-1
+    # are, read back in C order, L = R^T and L^-1. No copies beyond the two reversals.
+    rev, dead = damped_hessian(h, d, dtype, reverse=True)
+    n = rev.shape[0]
     potrf, trtri = lapack.get_lapack_funcs(("potrf", "trtri"), (rev,))
     up, info = potrf(rev.T, lower=0, clean=1, overwrite_a=1)
     if info != 0:

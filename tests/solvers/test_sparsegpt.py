@@ -265,6 +265,6 @@ def test_a_single_precision_factor_that_fails_falls_back_to_double(monkeypatch):
     h = hessian_of(correlated_samples(rng, 300, 32))
     monkeypatch.setattr(factors, "SINGLE_COLS", 1)
     real = factors._upper
-    monkeypatch.setattr(factors, "_upper", lambda hd, dead, d, dtype: None if dtype == np.float32 else real(hd, dead, d, dtype))
+    monkeypatch.setattr(factors, "_upper", lambda h, d, dtype: None if dtype == np.float32 else real(h, d, dtype))
     fac = inverse_upper_factor(h, 0.01)
     assert fac.u.dtype == np.float64 and fac.damp == 0.01

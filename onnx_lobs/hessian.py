@@ -229,7 +229,7 @@ def quadratic_form(w: np.ndarray, h: np.ndarray) -> float:
     """(1/2) sum_i w_i H w_i^T over the rows of w."""
     if w.size * h.shape[0] >= SINGLE_FORM:
         w32 = w.astype(np.float32)
-        return 0.5 * float(np.einsum("ij,ij->", w32 @ h.astype(np.float32), w32, dtype=np.float64))
+        return 0.5 * float(np.einsum("ij,ij->", w32 @ h.astype(np.float32, copy=False), w32, dtype=np.float64))
     return 0.5 * float(np.sum((w @ h) * w))
 
 

@@ -19,7 +19,7 @@ from scipy.linalg import LinAlgError
 from .activations import Collector
 from .errors import LobsError
 from .graph import write_tensor
-from .hessian import damped_solve, layer_error, output_energy
+from .hessian import SINGLE_FORM, damped_solve, layer_error, output_energy
 from .report import LayerRecord
 from .solvers import Target, batched, resolve
 from .solvers.factors import times_inverse
@@ -47,9 +47,13 @@ class Objective:
     against the output's energy."""
 
     def __init__(self, w_old, hp, c, hd, joint: bool):
-        self.w_old, self.hp, self.joint = w_old, hp, joint
+        self.w_old, self.joint = w_old, joint
+        # errors of this size are computed in float32 (hessian.SINGLE_FORM): H cast once, not per
+        # error (the allocation by output takes one per level)
+        single = not joint and w_old.size * hp.shape[0] >= SINGLE_FORM
+        self.hp = hp.astype(np.float32) if single else hp
         self.wc = w_old @ c if joint else None
-        self.energy = output_energy(w_old, hd)  # (1/2n) sum ||W x_d||^2
+        self.energy = output_energy(w_old, self.hp if single else hd)  # (1/2n) sum ||W x_d||^2
 
     def error(self, w_new) -> float:
         if not self.joint:

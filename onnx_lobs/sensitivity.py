@@ -162,11 +162,13 @@ class OutputProbe:
             exposed, where = activations.expose(model, [(n, (), np.float32) for n in wanted])
             session = make_session(exposed, self.origin)
             outs = [where[(n, ())].output for n in wanted]
-            values = [{**self.feeds[i], **dict(zip(wanted, run(session, outs, self.feeds[i], "probe")))}
-                      for i in range(feeds)]
+            values = []
+            for i in range(feeds):  # feeds alike in size: the first says whether all fit
+                got = run(session, outs, self.feeds[i], "probe")
+                if sum(v.nbytes for v in got) * feeds > TAIL_VALUE_BYTES:
+                    return []
+                values.append({**self.feeds[i], **dict(zip(wanted, got))})
             del session
-            if sum(v.nbytes for vals in values for n, v in vals.items() if n in wanted) > TAIL_VALUE_BYTES:
-                return []
             types = {n: (helper.np_dtype_to_tensor_dtype(v.dtype), v.ndim) for n, v in values[0].items()}
             made = []
             for c in cuts:

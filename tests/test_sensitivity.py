@@ -154,3 +154,21 @@ def test_tails_measure_what_the_whole_changed_model_measures(monkeypatch):
     assert probe._tail_for(both, 3).cut.start == 2
     np.testing.assert_allclose(probe.error_with(model, both, feeds=3),
                                probe.error(_branchy({**ws, **both}), 3), rtol=1e-5)
+
+
+def test_no_tails_when_the_values_they_read_would_pass_the_budget(monkeypatch):
+    from onnx_lobs import sensitivity
+
+    rng = np.random.default_rng(6)
+    ws = {k: rng.standard_normal(s).astype(np.float32) for k, s in
+          {"w1": (6, 5), "w2": (5, 5), "w3": (5, 3), "w4": (6, 3)}.items()}
+    model = _branchy(ws)
+    feeds = [{"x": rng.standard_normal((4, 6)).astype(np.float32)} for _ in range(3)]
+    session = sensitivity.make_session(model)
+    probe = OutputProbe(feeds, [session.run(["h", "y"], f) for f in feeds])
+    monkeypatch.setattr(sensitivity, "TAIL_VALUE_BYTES", 100)  # the reads of 3 feeds take more
+    probe.overridable(model, set(ws), tail_feeds=3)
+    assert probe._tails == [] and probe.can_feed({"w4"})
+    changed = {"w4": np.zeros_like(ws["w4"])}
+    np.testing.assert_allclose(probe.error_with(model, changed, 3), probe.error(_branchy({**ws, **changed}), 3),
+                               rtol=1e-5)

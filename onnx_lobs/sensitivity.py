@@ -149,39 +149,49 @@ class OutputProbe:
         return next((t for t in reversed(self._tails) if t.cut.start <= first), None)
 
     def _make_tails(self, model: onnx.ModelProto, names: set[str], feeds: int) -> list:
-        """Up to TAILS tails, starting at the first readers of evenly spaced layers' weights."""
+        """Up to TAILS tails, starting at the first readers of evenly spaced layers' weights; the
+        latest first while the values they read fit TAIL_VALUE_BYTES (feeds alike in size: the
+        first one's say)."""
         first = segments.first_reads(model, names)
         count = min(TAILS, TAIL_MODEL_BYTES // max(_weight_bytes(model), 1))
         starts = sorted(set(first.values()))
         picks = sorted({starts[len(starts) * (k + 1) // (count + 1)] for k in range(count)} - {0}) if starts else []
         cuts = [c for c in segments.tails(model, picks) if c.outputs]
+        wanted = sorted({n for c in cuts for n in c.reads} - set(self.feeds[0]))
         if not cuts:
             return []
-        wanted = sorted({n for c in cuts for n in c.reads} - set(self.feeds[0]))
         try:
             exposed, where = activations.expose(model, [(n, (), np.float32) for n in wanted])
             session = make_session(exposed, self.origin)
             outs = [where[(n, ())].output for n in wanted]
+            got = dict(zip(wanted, run(session, outs, self.feeds[0], "probe")))
+            kept, held = [], set()
+            for c in reversed(cuts):
+                need = held | (set(c.reads) & set(wanted))
+                if sum(got[n].nbytes for n in need) * feeds <= TAIL_VALUE_BYTES:
+                    kept.insert(0, c)
+                    held = need
+            if not kept:
+                return []
             values = []
-            for i in range(feeds):  # feeds alike in size: the first says whether all fit
-                got = run(session, outs, self.feeds[i], "probe")
-                if sum(v.nbytes for v in got) * feeds > TAIL_VALUE_BYTES:
-                    return []
-                values.append({**self.feeds[i], **dict(zip(wanted, got))})
+            for i in range(feeds):  # only what the kept tails read is held
+                got = got if i == 0 else dict(zip(wanted, run(session, outs, self.feeds[i], "probe")))
+                values.append({**self.feeds[i], **{n: got[n] for n in held}})
             del session
-            types = {n: (helper.np_dtype_to_tensor_dtype(v.dtype), v.ndim) for n, v in values[0].items()}
-            made = []
-            for c in cuts:
-                sub = segments.tail_model(model, c, types)
-                fed = names & {t.name for t in sub.graph.initializer}
-                sess = make_session(_opened(sub, fed), self.origin)
-                reads = [{n: vals[n] for n in c.reads} for vals in values]
-                dense = [run(sess, c.outputs, r, "probe") for r in reads]
-                index = [output_names(model).index(n) for n in c.outputs]
-                made.append(_Tail(c, sess, fed, reads, dense, index, first, feeds))
-            return made
+            return [self._tail(model, c, names, values, first, feeds) for c in kept]
         except (LobsError, rewrite.RewriteError):  # a graph the cut or onnxruntime does not take: whole runs
             return []
+
+    def _tail(self, model, cut, names, values, first, feeds):
+        """The tail's session (its weights overridable), its reads and its own dense outputs per feed."""
+        types = {n: (helper.np_dtype_to_tensor_dtype(v.dtype), v.ndim) for n, v in values[0].items()}
+        sub = segments.tail_model(model, cut, types)
+        fed = names & {t.name for t in sub.graph.initializer}
+        sess = make_session(_opened(sub, fed), self.origin)
+        reads = [{n: vals[n] for n in cut.reads} for vals in values]
+        dense = [run(sess, cut.outputs, r, "probe") for r in reads]
+        index = [output_names(model).index(n) for n in cut.outputs]
+        return _Tail(cut, sess, fed, reads, dense, index, first, feeds)
 
     def _energies(self, feeds: int) -> list:
         """Per output, its energy per channel over the first `feeds` feeds (None if not float)."""

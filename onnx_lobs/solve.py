@@ -34,8 +34,8 @@ W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's uncons
 # Matrices up to this many columns and rows * cols^2 multiply-adds are solved with BLAS on one
 # thread: their calls are too small to split, and two threads waking for each cost more than
 # the work (ddddocr's 192 x 432 convs at 50%: 0.46 s per 1,000 columns on two threads, 0.12 on one).
-SINGLE_THREAD_COLS = 2048
-SINGLE_THREAD_WORK = 1 << 28
+SINGLE_THREAD_COLS = 4096
+SINGLE_THREAD_WORK = 1 << 29
 
 
 class Objective:

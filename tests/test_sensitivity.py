@@ -156,7 +156,7 @@ def test_tails_measure_what_the_whole_changed_model_measures(monkeypatch):
                                probe.error(_branchy({**ws, **both}), 3), rtol=1e-5)
 
 
-def test_no_tails_when_the_values_they_read_would_pass_the_budget(monkeypatch):
+def test_tails_are_kept_latest_first_while_the_values_they_read_fit_the_budget(monkeypatch):
     from onnx_lobs import sensitivity
 
     rng = np.random.default_rng(6)
@@ -172,3 +172,12 @@ def test_no_tails_when_the_values_they_read_would_pass_the_budget(monkeypatch):
     changed = {"w4": np.zeros_like(ws["w4"])}
     np.testing.assert_allclose(probe.error_with(model, changed, 3), probe.error(_branchy({**ws, **changed}), 3),
                                rtol=1e-5)
+    # 3 feeds of 4 rows in float32: the tail from 5 reads a (48 bytes a feed), from 4 also s (80),
+    # from 2 also r (80): 400 bytes hold the latest two
+    monkeypatch.setattr(sensitivity, "TAIL_VALUE_BYTES", 400)
+    probe.overridable(model, set(ws), tail_feeds=3)
+    assert [t.cut.start for t in probe._tails] == [4, 5] and probe._tail_for({"w2": ws["w2"]}, 3) is None
+    for name in ("w2", "w4"):
+        changed = {name: np.zeros_like(ws[name])}
+        np.testing.assert_allclose(probe.error_with(model, changed, 3),
+                                   probe.error(_branchy({**ws, **changed}), 3), rtol=1e-5)

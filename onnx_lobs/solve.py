@@ -197,7 +197,7 @@ def _solve_stacked(p: Problem, counts: list, config, spec, name: str, damps: lis
         for damp in DAMP_GRID if fixed is None else (fixed,):
             sol = batched.SOLVE[spec.name](start, hp, counts, removable, damp, memo)
             err = batched.error(start, sol.weights, hp)
-            if best is not None and err > best_err:
+            if best is not None and err >= best_err:  # no better: a stronger one will not be either
                 break
             if best is None or err < best_err:
                 best, best_err = sol, err
@@ -307,7 +307,7 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=N
 
     Rows share H^-1 but are otherwise independent, so the grid is compared on a subset of
     DAMP_ROWS evenly spaced rows, and only the winner is solved on the whole matrix. The grid
-    is walked upwards and stops at the first dampening that does worse than the one before:
+    is walked upwards and stops at the first dampening that does no better than the one before:
     the error as a function of the dampening has one valley in practice, and each step costs a
     factorisation. On wide layers that factorisation outweighs every sweep (4,609 columns in
     ResNet-50), so the grid is walked on a principal block of GRID_COLS contiguous columns (whole
@@ -345,7 +345,7 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=N
         # Under --max-error more removals at the same error are better; else lower error.
         err = layer_error(sub, sol.weights, grid.h)
         score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
-        if best is not None and score > best_score:
+        if best is not None and score >= best_score:  # a tie (an error of 0, say) stops the walk too
             break
         if best is None or score < best_score:
             best, best_score = (damp, sol), score

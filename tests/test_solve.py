@@ -291,3 +291,18 @@ def test_small_layers_are_solved_with_blas_on_one_thread(monkeypatch, rows, cols
         solve.solve_groups(p, 0.5, PruneConfig(damp=0.01), None, "layer")
         after = threads()
     assert seen == [{1} if single else before] and after == before == {2}
+
+
+def test_the_damp_grid_stops_at_a_tie():
+    """Nothing removed: every damp gives an error of 0, and the walk stops at the second (each
+    step costs a factorisation; stronger damping can do no better)."""
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.solve import best_damped
+    from onnx_lobs.solvers import SOLVERS
+
+    rng = np.random.default_rng(8)
+    w, h = _wide_problem(rng, rows=8, cols=12)
+    memo = {}
+    sol = best_damped(SOLVERS["sparsegpt"], w, h, PruneConfig(), 0, None, memo=memo)
+    assert sorted(d for _, d in memo) == [0.01, 0.1] and sol.damp == 0.01
+    np.testing.assert_array_equal(sol.weights, w)

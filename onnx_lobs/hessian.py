@@ -84,12 +84,7 @@ class HessianAccumulator:
         m = self._xx.shape[2]
         t = self._xx[k]
         v = w[:, :m]
-        if v.size * m >= SINGLE_FORM:
-            v32 = v.astype(np.float32)
-            tv = np.einsum("ij,ij->", v32 @ t.astype(np.float32), v32, dtype=np.float64)
-        else:
-            tv = float(np.sum((v @ t) * v))
-        total = 2.0 * tv - float(np.sum(np.square(v) @ np.diagonal(t)))
+        total = 4.0 * quadratic_form(v, t) - float(np.sum(np.square(v) @ np.diagonal(t)))
         if self.bias:
             b = w[:, m]
             total += 2.0 * float(b @ (v @ self._x[k])) + float(b @ b) * self.n

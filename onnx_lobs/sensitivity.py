@@ -47,8 +47,6 @@ class _Tail:
     reads: list[dict]  # per feed: the dense values it reads
     dense: list[list[np.ndarray]]  # per feed: its dense outputs
     index: list[int]  # its outputs' positions among the model's
-    first: dict  # initializer name -> position of its first reader
-    feeds: int  # the feed count it serves
 
 
 @dataclass
@@ -69,6 +67,8 @@ class OutputProbe:
     _axes: list = field(default_factory=list, init=False, repr=False)  # per output: its channel axis or None
     _open: tuple | None = field(default=None, init=False, repr=False)  # overridable's (session, outputs, names)
     _tails: list = field(default_factory=list, init=False, repr=False)  # overridable's _Tail, by start
+    _first: dict = field(default_factory=dict, init=False, repr=False)  # weight -> its first reader's position
+    _tail_feeds: int = field(default=0, init=False, repr=False)  # the feed count the tails serve
 
     def __post_init__(self):
         # axis 1 is a channel axis only if its size never varies (a recogniser's is its time steps)
@@ -118,7 +118,9 @@ class OutputProbe:
         except LobsError:  # onnxruntime wants some of them constant: a session per probe, as before
             return
         if tail_feeds:
-            self._tails = self._make_tails(base, names, min(tail_feeds, len(self.feeds)))
+            self._tail_feeds = min(tail_feeds, len(self.feeds))
+            self._first = segments.first_reads(base, names)
+            self._tails = self._make_tails(base, names, self._tail_feeds)
 
     def can_feed(self, names: set[str]) -> bool:
         """Whether error_with takes these values (every one an overridable weight)."""
@@ -143,18 +145,17 @@ class OutputProbe:
             lambda i: enumerate(zip(run(session, names, {**self.feeds[i], **tensors}, origin), self.dense[i])), feeds)
 
     def _tail_for(self, tensors: dict, feeds: int | None):
-        if not self._tails or feeds != self._tails[0].feeds or not tensors:
+        if not self._tails or feeds != self._tail_feeds or not tensors:
             return None
-        first = min(self._tails[0].first.get(n, -1) for n in tensors)
+        first = min(self._first.get(n, -1) for n in tensors)
         return next((t for t in reversed(self._tails) if t.cut.start <= first), None)
 
     def _make_tails(self, model: onnx.ModelProto, names: set[str], feeds: int) -> list:
         """Up to TAILS tails, starting at the first readers of evenly spaced layers' weights; the
         latest first while the values they read fit TAIL_VALUE_BYTES (feeds alike in size: the
         first one's say)."""
-        first = segments.first_reads(model, names)
         count = min(TAILS, TAIL_MODEL_BYTES // max(_weight_bytes(model), 1))
-        starts = sorted(set(first.values()))
+        starts = sorted(set(self._first.values()))
         picks = sorted({starts[len(starts) * (k + 1) // (count + 1)] for k in range(count)} - {0}) if starts else []
         cuts = [c for c in segments.tails(model, picks) if c.outputs]
         wanted = sorted({n for c in cuts for n in c.reads} - set(self.feeds[0]))
@@ -178,20 +179,20 @@ class OutputProbe:
                 got = got if i == 0 else dict(zip(wanted, run(session, outs, self.feeds[i], "probe")))
                 values.append({**self.feeds[i], **{n: got[n] for n in held}})
             del session
-            return [self._tail(model, c, names, values, first, feeds) for c in kept]
+            return [self._tail(model, c, names, values) for c in kept]
         except (LobsError, rewrite.RewriteError):  # a graph the cut or onnxruntime does not take: whole runs
             return []
 
-    def _tail(self, model, cut, names, values, first, feeds):
+    def _tail(self, model, cut, names, values):
         """The tail's session (its weights overridable), its reads and its own dense outputs per feed."""
         types = {n: (helper.np_dtype_to_tensor_dtype(v.dtype), v.ndim) for n, v in values[0].items()}
         sub = segments.tail_model(model, cut, types)
         fed = names & {t.name for t in sub.graph.initializer}
-        sess = make_session(_opened(sub, fed), self.origin)
+        sess = make_session(_opened(sub, fed, copy=False), self.origin)  # sub is ours
         reads = [{n: vals[n] for n in cut.reads} for vals in values]
         dense = [run(sess, cut.outputs, r, "probe") for r in reads]
         index = [output_names(model).index(n) for n in cut.outputs]
-        return _Tail(cut, sess, fed, reads, dense, index, first, feeds)
+        return _Tail(cut, sess, fed, reads, dense, index)
 
     def _energies(self, feeds: int) -> list:
         """Per output, its energy per channel over the first `feeds` feeds (None if not float)."""
@@ -246,10 +247,13 @@ def _as_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto
     return out
 
 
-def _opened(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of the model in which these initializers are also inputs (their values the defaults)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def _opened(model: onnx.ModelProto, names: set[str], copy: bool = True) -> onnx.ModelProto:
+    """The model (a copy, unless copy=False) in which these initializers are also inputs (their
+    values the defaults)."""
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     listed = {i.name for i in out.graph.input}
     for t in out.graph.initializer:
         if t.name in names and t.name not in listed:

@@ -93,9 +93,9 @@ class OutputProbe:
         diff = 0.0
         for i in range(n):
             for t, (a, ref) in pairs(i):
-                if weights[t] is not None:
-                    sq = np.square(a.astype(np.float64) - ref)
-                    diff += float(np.sum(_channel_sums(sq, self._axes[t]) * weights[t]))
+                if weights[t] is not None:  # squared in float32 at least, summed in float64
+                    sq = np.subtract(a, ref, dtype=np.result_type(a.dtype, ref.dtype, np.float32))
+                    diff += float(np.sum(_channel_sums(np.square(sq, out=sq), self._axes[t]) * weights[t]))
         self.runs += 1
         return diff
 
@@ -268,16 +268,16 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 def _channel_sums(a: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
-        return np.array([float(np.sum(a))])
-    return np.sum(a, axis=tuple(i for i in range(a.ndim) if i != axis))
+        return np.array([float(np.sum(a, dtype=np.float64))])
+    return np.sum(a, axis=tuple(i for i in range(a.ndim) if i != axis), dtype=np.float64)
 
 
-def feeds_for(feeds: list[dict], samples: int) -> int:
-    """How many of the first feeds hold `samples` samples and PROBE_FEEDS feeds (whole feeds; a
+def feeds_for(feeds: list[dict], samples: int, least: int = PROBE_FEEDS) -> int:
+    """How many of the first feeds hold `samples` samples and `least` feeds (whole feeds; a
     feed's first axis counts as its batch)."""
     taken, n = 0, 0
     for feed in feeds:
-        if n >= samples and (taken >= PROBE_FEEDS or n >= 4 * samples):
+        if n >= samples and (taken >= least or n >= 4 * samples):
             break
         first = next(iter(feed.values()), None)
         n += int(first.shape[0]) if first is not None and np.ndim(first) else 1

@@ -110,6 +110,20 @@ def prepare(c: Collector) -> Problem:
     return p
 
 
+def row_sample(p: Problem, rows: int) -> Problem | None:
+    """The problem on `rows` evenly spaced rows of each group (the same Hessians), or None if it
+    has under twice as many: rows share H, so a sample's error, scaled, tells the whole layer's."""
+    g, total, _ = p.old.shape
+    if total <= 2 * rows:
+        return None
+    idx = np.linspace(0, total - 1, rows).astype(int)
+    sub = Problem(p.old[:, idx], None if p.old_b is None else p.old_b[:, idx], p.hessians, p.joint)
+    hp, cross, hd = p.hessians
+    sub.objectives = [Objective(sub.augmented(sub.old, sub.old_b, k), hp[k], cross[k], hd[k], p.joint)
+                      for k in range(g)]
+    return sub
+
+
 def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list | None = None,
                  damps: list | None = None) -> Solved:
     """Every group through the configured solver (from W0 in sequential mode). Solves of one

@@ -63,6 +63,31 @@ def test_output_allocation_meets_the_target_and_keeps_its_solves(target):
         np.testing.assert_allclose(w, _weights(again.model)[name], rtol=1e-5, atol=1e-6)
 
 
+def test_levels_of_a_layer_of_many_rows_are_estimated_and_solved_in_full_once_chosen():
+    """fc1's 256 rows are over twice ESTIMATE_ROWS: its levels other than the uniform one are
+    estimated from a sample of rows (near the exact error: random rows differ more than a trained
+    layer's, whose estimates were within 5-10%), and the level it ends at is solved in full, as a
+    fresh solve at that sparsity gives."""
+    rng = np.random.default_rng(5)
+    model = mlp(rng, sizes=(24, 256, 16, 8))
+    x = _data(rng)
+    base = dict(default_exclude=False, method="sparsegpt", damp=0.01)
+    out = prune(model, {"x": x}, PruneConfig(global_sparsity=0.5, **base))
+    by_name = {r.name: r for r in out.report.layers if r.params}
+    wide = next(r for r in by_name.values() if r.rows == 256)
+    estimated = [p for p in wide.curve if p["estimated"]]
+    assert estimated and not any(p["chosen"] and p["estimated"] for p in wide.curve)
+    assert not any(p["estimated"] for r in by_name.values() if r is not wide for p in r.curve)
+    for p in estimated[:3]:  # the estimate against the exact error at that level
+        exact = prune(model, {"x": x}, PruneConfig(layer_sparsity={wide.name: p["sparsity"]}, **base))
+        got = next(r for r in exact.report.layers if r.name == wide.name).rel_error
+        assert p["layer_rel_error"] == pytest.approx(got, rel=0.35)  # unscaled, it would be 2.7x off
+    again = prune(model, {"x": x}, PruneConfig(layer_sparsity={r.name: r.target_sparsity for r in by_name.values()},
+                                               **base))
+    for name, w in _weights(out.model).items():
+        np.testing.assert_allclose(w, _weights(again.model)[name], rtol=1e-5, atol=1e-6)
+
+
 def test_the_uniform_candidate_is_measured_as_the_uniformly_pruned_model():
     """The whole-model confirmation measures what a uniform prune at the target gives (the probe
     runs on the 32 held-out samples here, as the report's fidelity does)."""

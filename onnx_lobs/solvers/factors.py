@@ -91,6 +91,7 @@ def memoised(memo: dict | None, key: tuple, compute):
 
 
 _FACTORISE = {"inverse": damped_inverse, "upper": inverse_upper_factor}
+FACTORISATIONS = frozenset(_FACTORISE)  # the memo keys' kinds that depend on h and the damp alone
 
 
 def factor(kind: str, h: np.ndarray, damp: float, memo: dict | None):

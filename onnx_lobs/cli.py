@@ -236,10 +236,14 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--sequential", is_flag=True,
               help="Calibrate each stage of layers on the model as pruned so far (error-correcting).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw the report as a PNG: per layer its sparsity and error (per group the channels kept), "
+                   "and with an allocation by output each layer's curve. Needs matplotlib (the 'plot' extra).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, structured, round_to, flops, no_latency, layer_sparsity, max_error, method, exclude, samples,
-          batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, report_path, seed, quiet):
+          batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, report_path, plot_path,
+          seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
     from .modelio import save_model
@@ -249,6 +253,12 @@ def prune(model, output, calib, sparsity, structured, round_to, flops, no_latenc
     _check_output(output, model)
     if report_path:
         _check_output(report_path, model)
+    if plot_path:
+        from . import pictures
+        _check_output(plot_path, model)
+        if os.path.abspath(plot_path) in {os.path.abspath(p) for p in (output, report_path) if p}:
+            raise LobsError(f"{plot_path}: --plot must name a file of its own, not the output or the report")
+        pictures.require()
     if calib is None:
         calib = _default_calibration(model)
         if calib is None:
@@ -273,6 +283,8 @@ def prune(model, output, calib, sparsity, structured, round_to, flops, no_latenc
     save_model(result.model, output, external=True if result.external_data else None)
     if report_path:
         write_atomic(report_path, (result.report.to_json() + "\n").encode())
+    if plot_path:
+        pictures.draw(result.report, plot_path)
     click.echo(format_table(result.report))
     click.echo(f"wrote {output}")
 

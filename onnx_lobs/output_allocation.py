@@ -42,6 +42,10 @@ ABOVE = (0.25, 0.5, 0.75)  # levels above it, as fractions of what is left above
 # the exact errors; its 18,710-row classifier was off by up to 2x on 96)
 ESTIMATE_ROWS = 96
 ESTIMATE_SHARE = 8
+# Layers with estimated levels keep their problem and factorisation for solving a chosen one in
+# full, while this many bytes last (ResNet-50's settles otherwise made 71 problems and 85
+# factorisations again: 13 s)
+SETTLE_BYTES = 1 << 30
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Curve:
     solved: list  # Solved per level (None at level 0, and at levels only estimated so far)
     measured: dict[int, float] = field(default_factory=dict)  # level index -> output error
     damps: list | None = None  # the dampening per group, chosen at the level solved first
+    kept: tuple | None = None  # (problem, memos) for solving estimated levels in full, while SETTLE_BYTES lasts
 
     def estimated(self, j: int) -> bool:
         """Whether level j's layer-wise error is an estimate (from a sample of rows), not solved."""
@@ -131,7 +136,10 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
         curve = Curve(w, c, levels, [0] * len(levels), [0.0] * len(levels), sum(o.energy for o in problem.objectives),
                       [None] * len(levels))
         nearest = min(range(1, len(levels)), key=lambda j: abs(levels[j] - target))
-        _levels(curve, problem, nearest, config)
+        shared = _levels(curve, problem, nearest, config)
+        if shared is not None:
+            _keep_within(curves, curve, (problem, shared))
+        del problem, shared
         curve.measured[nearest] = _probe(probe, model, w.layer, curve.solved[nearest])
         curves.append(curve)
         bar.update(1)
@@ -139,12 +147,13 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
     return curves
 
 
-def _levels(curve: Curve, problem, nearest: int, config) -> None:
+def _levels(curve: Curve, problem, nearest: int, config) -> list | None:
     """The curve's layer-wise errors: solved at `nearest` (the dampening chosen there and kept at
     the others, whose grids would cost each level its own factorisations), then at the others in
     full or, on many rows, on a sample of them, scaled by the ratio of the whole layer's
     error to the sample's at `nearest` (a fifth of the work on ResNet-50's 512-row layers). obc's
-    other levels reuse the removal orders found at the first, so only sweeps are sampled."""
+    other levels reuse the removal orders found at the first, so only sweeps are sampled. Returns
+    the factorisations (per group) that solving an estimated level in full would use, if any is."""
     w, levels = curve.work, curve.levels
     memos = [{} for _ in range(problem.old.shape[0])]
     solved = solve_groups(problem, levels[nearest], config, w.nm, w.layer.name, memos)
@@ -158,9 +167,9 @@ def _levels(curve: Curve, problem, nearest: int, config) -> None:
     if sample is None:
         for j in others:
             _keep(curve, j, problem, solve_groups(problem, levels[j], config, w.nm, w.layer.name, memos, curve.damps))
-        return
-    # the factorisations of H carry over to the sample; the removal orders of other rows do not
-    shared = [{k: v for k, v in m.items() if k[0] in FACTORISATIONS} for m in memos]
+        return None
+    # the factorisations of H at the damps kept carry over to the sample; other rows' removal orders do not
+    shared = [{k: v for k, v in m.items() if k[0] in FACTORISATIONS and k[1] == d} for m, d in zip(memos, curve.damps)]
     del memos
     errors = {j: _error(sample, solve_groups(sample, levels[j], config, None, w.layer.name, shared, curve.damps))
               for j in [nearest] + others}
@@ -168,6 +177,7 @@ def _levels(curve: Curve, problem, nearest: int, config) -> None:
     for j in others:
         curve.layer_errors[j] = errors[j] * scale
         curve.removed[j] = int(round(levels[j] * g * rows * cols))  # as solve_groups counts it
+    return shared
 
 
 def _keep(curve: Curve, j: int, problem, solved: Solved) -> None:
@@ -180,9 +190,45 @@ def _settle(curve: Curve, j: int, config) -> None:
     """Level j solved in full if it was only estimated (its exact error replacing the estimate)."""
     if not curve.estimated(j):
         return
-    problem = prepare(curve.collector)
-    _keep(curve, j, problem, solve_groups(problem, curve.levels[j], config, None, curve.work.layer.name, None,
+    problem, memos = curve.kept or (prepare(curve.collector), None)
+    _keep(curve, j, problem, solve_groups(problem, curve.levels[j], config, None, curve.work.layer.name, memos,
                                           curve.damps))
+
+
+def _keep_within(curves: list[Curve], curve: Curve, kept: tuple) -> None:
+    """Keep this curve's problem if SETTLE_BYTES allows, giving up those of narrower layers kept
+    before if need be: a factorisation costs cols^3 to make again and holds cols^2 bytes, so the
+    widest layers are the ones worth keeping."""
+    need, cols = _bytes(*kept), kept[0].old.shape[2]
+    held = sorted((c for c in curves if c.kept is not None), key=lambda c: c.kept[0].old.shape[2])
+    used = sum(_bytes(*c.kept) for c in held)
+    narrower = [c for c in held if c.kept[0].old.shape[2] < cols]
+    if used + need - sum(_bytes(*c.kept) for c in narrower) > SETTLE_BYTES:
+        return
+    for c in narrower:
+        if used + need <= SETTLE_BYTES:
+            break
+        used -= _bytes(*c.kept)
+        c.kept = None
+    curve.kept = kept
+
+
+def _bytes(problem, memos: list) -> int:
+    """About what keeping a problem and its factorisations holds: the weights twice (the objectives'
+    copies), H once or, cast for the objectives, half again, and each factorisation."""
+    arrays = [problem.old, problem.old, problem.hessians[0]] + [o.hp for o in problem.objectives]
+    return sum({id(a): a.nbytes for a in arrays + _arrays(memos)}.values())
+
+
+def _arrays(obj) -> list:
+    """The numpy arrays an object holds (in containers and dataclass fields)."""
+    if isinstance(obj, np.ndarray):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif hasattr(obj, "__dict__"):
+        obj = list(vars(obj).values())
+    return [a for v in obj for a in _arrays(v)] if isinstance(obj, (list, tuple)) else []
 
 
 def choose(curves: list[Curve], wanted: int, probe, model, config, uniform: float | None = None) -> OutputAllocation:
@@ -219,6 +265,8 @@ def choose(curves: list[Curve], wanted: int, probe, model, config, uniform: floa
     pick = min(range(len(candidates)), key=lambda i: confirmed[i])
     best = list(candidates[pick])
     _trim(curves, best, wanted, probe, model, config)
+    for c in curves:
+        c.kept = None
     probes = sum(len(c.measured) for c in curves) + len(candidates)
     labels = [f"round {r}" for r in range(1, len(tried) + 1)] + (["uniform"] if len(candidates) > len(tried) else [])
     return OutputAllocation(best, rounds, probes, [math.sqrt(total(ch)) for ch in tried],
@@ -253,8 +301,8 @@ def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, con
         return (pred[j] - pred[j - 1]) / max(c.removed[j] - c.removed[j - 1], 1)
     i, c, j = max(cands, key=slope)
     level = (c.removed[j] - excess) / (c.solved[j].pruned.size)
-    problem = prepare(c.collector)
-    solved = solve_groups(problem, level, config, c.work.nm, c.work.layer.name, None, c.solved[j].damps)
+    problem, memos = c.kept or (prepare(c.collector), None)
+    solved = solve_groups(problem, level, config, c.work.nm, c.work.layer.name, memos, c.solved[j].damps)
     c.levels.insert(j, level)
     c.removed.insert(j, int(solved.pruned.sum()))
     c.layer_errors.insert(j, _error(problem, solved))

@@ -66,9 +66,11 @@ def test_output_allocation_meets_the_target_and_keeps_its_solves(target):
 def test_levels_of_a_layer_of_many_rows_are_estimated_and_solved_in_full_once_chosen():
     """fc1's 256 rows are over twice ESTIMATE_ROWS: its levels other than the uniform one are
     estimated from a sample of rows (near the exact error: random rows differ more than a trained
-    layer's, whose estimates were within 5-10%), and the level it ends at is solved in full, as a
-    fresh solve at that sparsity gives."""
-    rng = np.random.default_rng(5)
+    layer's, whose estimates were within 5-10%), and the levels a round chose (and the one it ends
+    at) are solved in full, as a fresh solve at that sparsity gives."""
+    from onnx_lobs import output_allocation as oa
+
+    rng = np.random.default_rng(8)  # a seed whose rounds choose an estimated level of fc1
     model = mlp(rng, sizes=(24, 256, 16, 8))
     x = _data(rng)
     base = dict(default_exclude=False, method="sparsegpt", damp=0.01)
@@ -77,15 +79,58 @@ def test_levels_of_a_layer_of_many_rows_are_estimated_and_solved_in_full_once_ch
     wide = next(r for r in by_name.values() if r.rows == 256)
     estimated = [p for p in wide.curve if p["estimated"]]
     assert estimated and not any(p["chosen"] and p["estimated"] for p in wide.curve)
+    # the level fc1 ends at, or one a round chose, was estimated first: 7 levels, 6 solved or estimated
+    assert len(estimated) < len(wide.curve) - 2 and len(wide.curve) == len(oa.levels_for(0.5, False))
     assert not any(p["estimated"] for r in by_name.values() if r is not wide for p in r.curve)
     for p in estimated[:3]:  # the estimate against the exact error at that level
         exact = prune(model, {"x": x}, PruneConfig(layer_sparsity={wide.name: p["sparsity"]}, **base))
         got = next(r for r in exact.report.layers if r.name == wide.name).rel_error
-        assert p["layer_rel_error"] == pytest.approx(got, rel=0.35)  # unscaled, it would be 2.7x off
+        assert 0.5 < p["layer_rel_error"] / got < 2  # 1.07 to 1.5 here; unscaled, 2.7 times too small
     again = prune(model, {"x": x}, PruneConfig(layer_sparsity={r.name: r.target_sparsity for r in by_name.values()},
                                                **base))
     for name, w in _weights(out.model).items():
         np.testing.assert_allclose(w, _weights(again.model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_settling_with_kept_problems_matches_solving_afresh(monkeypatch):
+    """Estimated levels solved in full from the problem and factorisation kept (SETTLE_BYTES) give
+    what preparing the layer again gives."""
+    from onnx_lobs import output_allocation as oa
+
+    rng = np.random.default_rng(8)
+    model, x = mlp(rng, sizes=(24, 256, 16, 8)), _data(rng)
+    cfg = PruneConfig(global_sparsity=0.5, default_exclude=False, method="sparsegpt", damp=0.01)
+    settled, settle = [], oa._settle
+
+    def counted(curve, j, config):
+        settled.append(curve.estimated(j) and curve.kept is not None)
+        settle(curve, j, config)
+    monkeypatch.setattr(oa, "_settle", counted)
+    kept = prune(model, {"x": x}, cfg)
+    assert any(settled)  # a level was solved in full from what was kept
+    monkeypatch.setattr(oa, "SETTLE_BYTES", 0)
+    settled.clear()
+    afresh = prune(model, {"x": x}, cfg)
+    assert not any(settled)
+    assert [r.curve for r in kept.report.layers] == [r.curve for r in afresh.report.layers]
+    for name, w in _weights(kept.model).items():
+        np.testing.assert_array_equal(w, _weights(afresh.model)[name])
+
+
+def test_the_widest_layers_keep_their_problems(monkeypatch):
+    from types import SimpleNamespace
+
+    from onnx_lobs import output_allocation as oa
+
+    def kept(cols):  # a problem of 8 rows: 8 x cols weights twice, H twice (float64, its float32 copy)
+        h = np.zeros((1, cols, cols))
+        return SimpleNamespace(old=np.zeros((1, 8, cols)), hessians=(h,), objectives=[SimpleNamespace(hp=h[0])]), []
+    monkeypatch.setattr(oa, "SETTLE_BYTES", oa._bytes(*kept(40)) + oa._bytes(*kept(30)))
+    curves = [Curve(None, None, [], [], [], 1.0, []) for _ in range(4)]
+    for c, cols in zip(curves, (30, 20, 40, 10)):
+        oa._keep_within(curves, c, kept(cols))
+    # 30 kept, then 20; 40 gives 20 up (not 30: the two fit), and 10 finds no room
+    assert [c.kept is not None for c in curves] == [True, False, True, False]
 
 
 def test_the_uniform_candidate_is_measured_as_the_uniformly_pruned_model():

@@ -160,13 +160,13 @@ def damped_hessian(h: np.ndarray, damp: float, dtype=np.float64, reverse: bool =
     dead = diag <= 0
     n = h.shape[0]
     out = np.ascontiguousarray(h).ravel()[::-1].astype(dtype).reshape(n, n) if reverse else np.array(h, dtype=dtype)
-    idx = np.flatnonzero(dead[::-1] if reverse else dead)
-    if idx.size:
+    if dead.any():
+        idx = np.flatnonzero(dead[::-1] if reverse else dead)
         out[idx, :] = 0
         out[:, idx] = 0
         out[idx, idx] = 1.0
-    scale = float(np.mean(np.maximum(diag, 0.0))) or 1.0
-    out[np.diag_indices_from(out)] += damp * scale
+    scale = float(np.maximum(diag, 0.0).sum() / n) if n else 0.0
+    out.flat[::n + 1] += damp * (scale or 1.0)  # the diagonal (out is a C array of its own)
     return out, dead
 
 

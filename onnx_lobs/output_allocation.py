@@ -4,7 +4,8 @@ error is least for the overall target are proposed (a multiple-choice knapsack,
 allocation.cheapest_choice).
 
 Layer-wise errors do not say what reaches the output (sensitivity.py), so a layer's curve is its
-exact layer-wise error at each level times a gain, the measured output error over the layer-wise
+layer-wise error at each level (exact, or on wide sparsegpt layers estimated from a sample of
+rows until the level is chosen) times a gain, the measured output error over the layer-wise
 one, interpolated between the levels measured. Each layer is first measured at the uniform level
 (every layer at the overall target); the choice is then made again with each chosen level
 measured too, until it settles. Single-layer errors add up to the whole model's only roughly, so

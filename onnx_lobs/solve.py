@@ -36,6 +36,7 @@ W0_DAMP = 0.01  # dampening of H_p when solving for the sequential mode's uncons
 # the work (ddddocr's 192 x 432 convs at 50%: 0.46 s per 1,000 columns on two threads, 0.12 on one).
 SINGLE_THREAD_COLS = 4096
 SINGLE_THREAD_WORK = 1 << 29
+TINY_WORK = 1 << 16  # ... from over this many: below, BLAS is left as it is
 
 
 class Objective:
@@ -107,6 +108,7 @@ def prepare(c: Collector) -> Problem:
                         f"(the products overflow); check the model's weights and the data's scale")
     p = Problem(old, old_b, (hp, cross, hd), c.joint)
     p.objectives = [Objective(p.augmented(old, old_b, k), hp[k], cross[k], hd[k], c.joint) for k in range(g)]
+    _controller()  # threadpoolctl's scan of the loaded libraries (about 10 ms, once) is not a solve's time
     return p
 
 
@@ -136,8 +138,11 @@ def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list |
 
 
 def blas_threads(rows: int, cols: int):
-    """BLAS on one thread while solving a small matrix (threadpoolctl; a no-op if it finds no BLAS)."""
-    if cols > SINGLE_THREAD_COLS or rows * cols * cols > SINGLE_THREAD_WORK:
+    """BLAS on one thread while solving a small matrix (threadpoolctl; a no-op if it finds no BLAS).
+    A tiny one is left alone: OpenBLAS runs calls that small on one thread anyway, and switching
+    costs about 0.12 ms, as much as the whole solve of a detector's 24 x 7 head."""
+    work = rows * cols * cols
+    if cols > SINGLE_THREAD_COLS or work > SINGLE_THREAD_WORK or work <= TINY_WORK:
         return contextlib.nullcontext()
     return _controller().limit(limits=1, user_api="blas")
 

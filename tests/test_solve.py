@@ -261,11 +261,13 @@ def test_best_damped_walks_the_grid_on_the_block_and_solves_the_whole_layer_at_i
     np.testing.assert_allclose(got.weights, want.weights)
 
 
-@pytest.mark.parametrize("rows, cols, single", [(2, 10, True), (2, 4096, True), (2, 4097, False), (129, 2047, False)])
+@pytest.mark.parametrize("rows, cols, single", [(2, 10, False), (2, 200, True), (2, 4096, True), (2, 4097, False),
+                                                (129, 2047, False)])
 def test_small_layers_are_solved_with_blas_on_one_thread(monkeypatch, rows, cols, single):
     """solve_groups runs the solver inside blas_threads: one BLAS thread for small matrices, the
     process's setting for large ones (cols beyond SINGLE_THREAD_COLS, or rows * cols^2 beyond
-    SINGLE_THREAD_WORK: 129 x 2047^2 > 2^29), restored after."""
+    SINGLE_THREAD_WORK: 129 x 2047^2 > 2^29) and for tiny ones (rows * cols^2 up to TINY_WORK:
+    2 x 10^2, where switching costs more than the work), restored after."""
     from threadpoolctl import ThreadpoolController
 
     from onnx_lobs import solve

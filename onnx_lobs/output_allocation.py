@@ -215,9 +215,9 @@ def _keep_within(curves: list[Curve], curve: Curve, kept: tuple) -> None:
 
 
 def _bytes(problem, memos: list) -> int:
-    """About what keeping a problem and its factorisations holds: the weights twice (the objectives'
-    copies), H once or, cast for the objectives, half again, and each factorisation."""
-    arrays = [problem.old, problem.old, problem.hessians[0]] + [o.hp for o in problem.objectives]
+    """About what keeping a problem and its factorisations holds: the weights and the objectives'
+    copies of them, H (and the objectives' float32 casts of it), and each factorisation."""
+    arrays = [problem.old, problem.hessians[0]] + [a for o in problem.objectives for a in (o.w_old, o.hp)]
     return sum({id(a): a.nbytes for a in arrays + _arrays(memos)}.values())
 
 

@@ -122,9 +122,10 @@ def test_the_widest_layers_keep_their_problems(monkeypatch):
 
     from onnx_lobs import output_allocation as oa
 
-    def kept(cols):  # a problem of 8 rows: 8 x cols weights twice, H twice (float64, its float32 copy)
+    def kept(cols):  # a problem of 8 rows: its weights and their copy, H and a float32 cast of it
         h = np.zeros((1, cols, cols))
-        return SimpleNamespace(old=np.zeros((1, 8, cols)), hessians=(h,), objectives=[SimpleNamespace(hp=h[0])]), []
+        objective = SimpleNamespace(w_old=np.zeros((8, cols)), hp=h[0].astype(np.float32))
+        return SimpleNamespace(old=np.zeros((1, 8, cols)), hessians=(h,), objectives=[objective]), []
     monkeypatch.setattr(oa, "SETTLE_BYTES", oa._bytes(*kept(40)) + oa._bytes(*kept(30)))
     curves = [Curve(None, None, [], [], [], 1.0, []) for _ in range(4)]
     for c, cols in zip(curves, (30, 20, 40, 10)):

@@ -35,9 +35,7 @@ def draw(report: Report, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [p for p in (_layers_panel(report), _groups_panel(report), _curves_panel(report)) if p]
-    if not panels:
-        raise LobsError(f"{path}: nothing to draw (the report has no pruned layer or channel group)")
+    panels = [p for p in (_layers_panel(report), _groups_panel(report), _curves_panel(report)) if p] or [_empty()]
     heights = [p[0] for p in panels]
     fig = Figure(figsize=(11, sum(heights) + 0.4 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -47,6 +45,16 @@ def draw(report: Report, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     write_atomic(path, buf.getvalue())
+
+
+def _empty():
+    """A model with nothing pruned still gets its picture, saying so (the run itself succeeded)."""
+    def paint(sub):
+        ax = sub.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "nothing was pruned: every layer was skipped or left dense (the report says why)",
+                ha="center", va="center", fontsize=10)
+    return 1.0, paint
 
 
 def _pruned(report: Report) -> list:

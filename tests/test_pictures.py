@@ -46,6 +46,15 @@ def test_panels_follow_the_report(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx-lobs-")]  # nothing staged left
 
 
+def test_a_report_with_nothing_pruned_still_draws(tmp_path):
+    rng = np.random.default_rng(2)
+    model, x = mlp(rng, sizes=(24, 64, 16, 8)), _data(rng)
+    rep = prune(model, {"x": x}, PruneConfig(sparsity=0.5, exclude=["*"], default_exclude=False)).report
+    assert pictures._layers_panel(rep) is None and pictures._curves_panel(rep) is None
+    pictures.draw(rep, str(tmp_path / "none.png"))
+    assert _png_size(tmp_path / "none.png") == (1100, 140)  # one text panel: (1 + 0.4) inches at 100 dpi
+
+
 def test_structured_reports_draw_the_channels_kept(tmp_path):
     from tests import channel_graphs as cg
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .allocation import cheapest_choice
 from .graph import write_tensor
 from .sensitivity import feeds_for
-from .solve import Solved, prepare, row_sample, solve_groups, stored_tensors, write_back
+from .solve import Solved, prepare, removal_count, row_sample, solve_groups, stored_tensors, write_back
 from .solvers import resolve
 from .solvers.factors import FACTORISATIONS
 
@@ -177,7 +177,7 @@ def _levels(curve: Curve, problem, nearest: int, config) -> list | None:
     scale = curve.layer_errors[nearest] / errors[nearest] if errors[nearest] > 0 else rows / sample.old.shape[1]
     for j in others:
         curve.layer_errors[j] = errors[j] * scale
-        curve.removed[j] = int(round(levels[j] * g * rows * cols))  # as solve_groups counts it
+        curve.removed[j] = removal_count(problem, levels[j])
     return shared
 
 
@@ -191,9 +191,14 @@ def _settle(curve: Curve, j: int, config) -> None:
     """Level j solved in full if it was only estimated (its exact error replacing the estimate)."""
     if not curve.estimated(j):
         return
-    problem, memos = curve.kept or (prepare(curve.collector), None)
+    problem, memos = _problem(curve)
     _keep(curve, j, problem, solve_groups(problem, curve.levels[j], config, None, curve.work.layer.name, memos,
                                           curve.damps))
+
+
+def _problem(curve: Curve) -> tuple:
+    """(problem, memos): those kept for the curve, or the layer prepared again (no memos)."""
+    return curve.kept or (prepare(curve.collector), None)
 
 
 def _keep_within(curves: list[Curve], curve: Curve, kept: tuple) -> None:
@@ -202,14 +207,15 @@ def _keep_within(curves: list[Curve], curve: Curve, kept: tuple) -> None:
     widest layers are the ones worth keeping."""
     need, cols = _bytes(*kept), kept[0].old.shape[2]
     held = sorted((c for c in curves if c.kept is not None), key=lambda c: c.kept[0].old.shape[2])
-    used = sum(_bytes(*c.kept) for c in held)
+    size = {id(c): _bytes(*c.kept) for c in held}
+    used = sum(size.values())
     narrower = [c for c in held if c.kept[0].old.shape[2] < cols]
-    if used + need - sum(_bytes(*c.kept) for c in narrower) > SETTLE_BYTES:
+    if used + need - sum(size[id(c)] for c in narrower) > SETTLE_BYTES:
         return
     for c in narrower:
         if used + need <= SETTLE_BYTES:
             break
-        used -= _bytes(*c.kept)
+        used -= size[id(c)]
         c.kept = None
     curve.kept = kept
 
@@ -302,7 +308,7 @@ def _trim(curves: list[Curve], chosen: list[int], wanted: int, probe, model, con
         return (pred[j] - pred[j - 1]) / max(c.removed[j] - c.removed[j - 1], 1)
     i, c, j = max(cands, key=slope)
     level = (c.removed[j] - excess) / (c.solved[j].pruned.size)
-    problem, memos = c.kept or (prepare(c.collector), None)
+    problem, memos = _problem(c)
     solved = solve_groups(problem, level, config, c.work.nm, c.work.layer.name, memos, c.solved[j].damps)
     c.levels.insert(j, level)
     c.removed.insert(j, int(solved.pruned.sum()))

@@ -106,8 +106,7 @@ def prepare(c: Collector) -> Problem:
     if not all(np.isfinite(m).all() for m in ((hp, cross, hd) if c.joint else (hp,))):
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
-    p = Problem(old, old_b, (hp, cross, hd), c.joint)
-    p.objectives = [Objective(p.augmented(old, old_b, k), hp[k], cross[k], hd[k], c.joint) for k in range(g)]
+    p = _with_objectives(Problem(old, old_b, (hp, cross, hd), c.joint))
     _controller()  # threadpoolctl's scan of the loaded libraries (about 10 ms, once) is not a solve's time
     return p
 
@@ -115,15 +114,24 @@ def prepare(c: Collector) -> Problem:
 def row_sample(p: Problem, rows: int) -> Problem | None:
     """The problem on `rows` evenly spaced rows of each group (the same Hessians), or None if it
     has under twice as many: rows share H, so a sample's error, scaled, tells the whole layer's."""
-    g, total, _ = p.old.shape
+    total = p.old.shape[1]
     if total <= 2 * rows:
         return None
     idx = np.linspace(0, total - 1, rows).astype(int)
-    sub = Problem(p.old[:, idx], None if p.old_b is None else p.old_b[:, idx], p.hessians, p.joint)
+    return _with_objectives(Problem(p.old[:, idx], None if p.old_b is None else p.old_b[:, idx], p.hessians, p.joint))
+
+
+def _with_objectives(p: Problem) -> Problem:
     hp, cross, hd = p.hessians
-    sub.objectives = [Objective(sub.augmented(sub.old, sub.old_b, k), hp[k], cross[k], hd[k], p.joint)
-                      for k in range(g)]
-    return sub
+    p.objectives = [Objective(p.augmented(p.old, p.old_b, k), hp[k], cross[k], hd[k], p.joint)
+                    for k in range(p.old.shape[0])]
+    return p
+
+
+def removal_count(p: Problem, target: float) -> int:
+    """The weights solve_groups removes from the layer at this sparsity (N:M aside)."""
+    g, rows, cols = p.old.shape
+    return int(round(target * g * rows * cols))
 
 
 def solve_groups(p: Problem, target: float, config, nm, name: str, memos: list | None = None,
@@ -162,7 +170,7 @@ def _solve_groups(p: Problem, target: float, config, nm, name: str, memos: list 
     out = _empty(p)
     # The layer's count, spread over its groups (the first ones take the remainder), so that
     # many small groups (depthwise convs) still reach the layer's target.
-    total = int(round(target * g * rows * cols))
+    total = removal_count(p, target)
     counts = [total // g + (k < total % g) for k in range(g)]
     if nm is None and config.max_error is None and batched.fits(spec.name, g, rows, width,
                                                                  spec.options.get("block", 128)):
@@ -218,8 +226,7 @@ def _solve_stacked(p: Problem, counts: list, config, spec, name: str, damps: lis
             err = batched.error(start, sol.weights, hp)
             if best is not None and err >= best_err:  # no better: a stronger one will not be either
                 break
-            if best is None or err < best_err:
-                best, best_err = sol, err
+            best, best_err = sol, err
     except LinAlgError:
         raise LobsError(f"layer {name}: its Hessian could not be regularised (inputs too large "
                         f"or not finite on the calibration data)") from None
@@ -366,8 +373,7 @@ def best_damped(spec, wk, hk, config, count, protect, nm=None, memo=None, damp=N
         score = (-int(sol.pruned.sum()), err) if config.max_error is not None else (0, err)
         if best is not None and score >= best_score:  # a tie (an error of 0, say) stops the walk too
             break
-        if best is None or score < best_score:
-            best, best_score = (damp, sol), score
+        best, best_score = (damp, sol), score
     damp, sol = best
     return sol if sub is wk else final(damp)
 

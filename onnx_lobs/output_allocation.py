@@ -18,6 +18,7 @@ only the levels are, and the layers are solved on the pruned model's inputs as u
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -36,6 +37,11 @@ MAX_ROUNDS = 4  # choices made again with each chosen level measured
 # choices are confirmed on all of the probe's
 SINGLE_SAMPLES = 16
 SINGLE_FEEDS = 2  # ... and at least this many feeds (sensitivity.PROBE_FEEDS)
+# ... or fewer samples, where the feeds are batches and those hold this many float output values
+# (sensitivity._lead: ResNet-50's single probes on 2 or 4 images, not 12, chose as well), but
+# SINGLE_LEAST at least (on 2 of its 3 held-out images, ocr-v4-rec lost 4 more of 32 strings)
+SINGLE_VALUES = 2000
+SINGLE_LEAST = 3
 SPREAD = (0.5, 0.75, 1.0)  # levels below the target, as fractions of it
 ABOVE = (0.25, 0.5, 0.75)  # levels above it, as fractions of what is left above it
 # A layer of over twice ESTIMATE_ROWS rows has its other levels estimated on that many, or on
@@ -44,9 +50,17 @@ ABOVE = (0.25, 0.5, 0.75)  # levels above it, as fractions of what is left above
 ESTIMATE_ROWS = 96
 ESTIMATE_SHARE = 8
 # Layers with estimated levels keep their problem and factorisation for solving a chosen one in
-# full, while this many bytes last (ResNet-50's settles otherwise made 71 problems and 85
-# factorisations again: 13 s)
-SETTLE_BYTES = 1 << 30
+# full, while an eighth of the machine's memory lasts, 1 GB at least (ResNet-50's settles
+# otherwise made 65 problems and their factorisations again: 57 s of allocation against 51; it
+# keeps all 35 in 2.7 GB, and its peak RSS rose from 10.4 to 11.8 GB)
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform
+        return 0
+
+
+SETTLE_BYTES = max(1 << 30, _memory() // 8)
 
 
 @dataclass
@@ -123,7 +137,7 @@ def build_curves(free, collectors, config, probe, model, uniform: float | None =
     overall target: one of the candidates), its error at the other levels solved too, or, on
     layers of many rows, estimated from a sample of them (solved in full once chosen)."""
     probe.overridable(model, {name for w in free for name in _value_names(w.layer)},
-                      tail_feeds=feeds_for(probe.feeds, SINGLE_SAMPLES, SINGLE_FEEDS))
+                      feeds_for(probe.feeds, SINGLE_SAMPLES, SINGLE_FEEDS), SINGLE_VALUES, SINGLE_LEAST)
     curves = []
     bar = tqdm(total=len(free), desc="solving levels", unit="layer", disable=None if config.progress else True,
                file=sys.stderr, leave=False)
@@ -331,7 +345,7 @@ def _error(problem, solved: Solved) -> float:
 
 def _probe(probe, model, layer, solved: Solved) -> float:
     """The output error of the model with this layer alone as solved, on the cheaper sample."""
-    return _probe_with(probe, model, [(layer, solved)], feeds_for(probe.feeds, SINGLE_SAMPLES, SINGLE_FEEDS))
+    return _probe_with(probe, model, [(layer, solved)], probe.single)
 
 
 def _value_names(layer) -> list[str]:

@@ -104,6 +104,45 @@ def test_error_with_overridden_initializers_matches_a_written_model():
     assert [i.name for i in model.graph.input] == ["x"]  # the caller's model is left alone
 
 
+
+def test_a_batch_is_split_for_the_cheaper_probes_only_where_it_is_one():
+    """A dynamic batch larger than the cheaper probes' values need is split in two (the parts run,
+    not sliced); every probe on all feeds measures what it did. A fixed batch, or one that the
+    values need whole, is left as it was."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((n, 6)).astype(np.float32)} for n in (12, 5)]
+    dense = [[f["x"] @ w, np.argmax(f["x"] @ w, axis=1)[:, None]] for f in feeds]
+    w2 = w.copy()
+    w2[3] = 0.0
+    whole = OutputProbe(list(feeds), list(dense)).error(_model(w2))
+    probe = OutputProbe(list(feeds), list(dense))
+    probe.overridable(_model(w), {"w"}, tail_feeds=2, values=12)  # 3 float values a sample: 4 samples
+    assert probe.single == 1 and [f["x"].shape[0] for f in probe.feeds] == [4, 8, 5]
+    x = feeds[0]["x"][:4].astype(np.float64)
+    np.testing.assert_allclose(probe.error_with(_model(w), {"w": w2}, probe.single),
+                               np.sum((x @ w2 - x @ w) ** 2) / np.sum((x @ w) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(probe.error_with(_model(w), {"w": w2}), whole, rtol=1e-5)
+    np.testing.assert_allclose(probe.error(_model(w2)), whole, rtol=1e-5)
+    for model, values in ((_model(w), 100), (_fixed(w, 12), 12)):
+        kept = OutputProbe(list(feeds[:1]), list(dense[:1]))
+        kept.overridable(model, {"w"}, tail_feeds=1, values=values)
+        assert kept.single == 1 and [f["x"].shape[0] for f in kept.feeds] == [12]
+    # feeds of one sample each: the first that hold the values, whole
+    ones = [{"x": f["x"][i:i + 1]} for f in feeds[:1] for i in range(3)]
+    for values, least, single in ((3, 1, 1), (3, 2, 2), (6, 1, 2), (100, 1, 3)):
+        few = OutputProbe(list(ones), [[o["x"] @ w, np.argmax(o["x"] @ w, axis=1)[:, None]] for o in ones])
+        few.overridable(_model(w), {"w"}, tail_feeds=3, values=values, least=least)
+        assert few.single == single and len(few.feeds) == 3
+
+
+def _fixed(w: np.ndarray, batch: int):
+    """_model with a fixed batch."""
+    model = _model(w)
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
 def _branchy(ws: dict):
     """x -> MatMul w1 -> Relu -> r; s = r + r @ w2; y = s @ w3 + x @ w4, with w3 a Constant node's
     output and an early output h (made before the later layers: no tail of theirs changes it)."""

@@ -286,8 +286,6 @@ def choose(curves: list[Curve], wanted: int, probe, model, config, uniform: floa
     pick = min(range(len(candidates)), key=lambda i: confirmed[i])
     best = list(candidates[pick])
     _trim(curves, best, wanted, probe, model, config)
-    for c in curves:
-        c.kept = None
     probes = sum(len(c.measured) for c in curves) + len(candidates)
     labels = [f"round {r}" for r in range(1, len(tried) + 1)] + (["uniform"] if len(candidates) > len(tried) else [])
     return OutputAllocation(best, rounds, probes, [math.sqrt(total(ch)) for ch in tried],

@@ -104,6 +104,7 @@ class _Work:
     nm: np.ndarray | None = None  # N:M column groups, when a pattern is asked for
     rows_per_sample: float | None = None  # unfolded rows per held-out sample (conv positions)
     solved: object = None  # the output allocation's solve at the chosen level (independent mode)
+    problem: object = None  # ... and the problem it kept, if any (solve.Problem: not prepared again)
 
     @property
     def layer(self) -> Layer:
@@ -233,6 +234,8 @@ def _allocate(loaded, work, collectors, records, config, held) -> dict:
         w.record.target_sparsity = c.levels[j]
         w.record.curve = c.record(j)
         w.solved = None if config.sequential or j == 0 else c.solved[j]
+        w.problem = c.kept[0] if w.solved is not None and c.kept else None
+        c.kept = None
         if j == 0:
             w.nm = None
     return choice.summary(curves)
@@ -348,8 +351,8 @@ def _solve(w, config, masks) -> None:
     if w.target == 0 and config.global_sparsity is not None:
         w.record.notes.append("left dense by the allocation")
         return
-    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved)
-    w.solved = None
+    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved, w.problem)
+    w.solved = w.problem = None
 
 
 def _reading(config: PruneConfig) -> Reading:

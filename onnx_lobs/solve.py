@@ -307,11 +307,11 @@ def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecor
 
 
 def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,
-                solved: Solved | None = None) -> np.ndarray | None:
-    """Prune one layer in place (with `solved`, as solved already); fills its record and returns
-    the removed-weights mask."""
+                solved: Solved | None = None, problem: Problem | None = None) -> np.ndarray | None:
+    """Prune one layer in place (with `solved`, as solved already, and its problem if kept); fills
+    its record and returns the removed-weights mask."""
     t = time.perf_counter()
-    problem = prepare(c)
+    problem = prepare(c) if problem is None else problem
     if solved is None:
         t_solve = time.perf_counter()
         solved = solve_groups(problem, target, config, nm, c.layer.name)

@@ -113,6 +113,8 @@ def test_settling_with_kept_problems_matches_solving_afresh(monkeypatch):
     afresh = prune(model, {"x": x}, cfg)
     assert not any(settled)
     assert [r.curve for r in kept.report.layers] == [r.curve for r in afresh.report.layers]
+    for a, b in zip(kept.report.layers, afresh.report.layers):  # the kept problems measured the result
+        assert (a.error, a.rel_error, a.holdout_error) == (b.error, b.rel_error, b.holdout_error)
     for name, w in _weights(kept.model).items():
         np.testing.assert_array_equal(w, _weights(afresh.model)[name])
 

@@ -173,24 +173,26 @@ def test_tails_measure_what_the_whole_changed_model_measures(monkeypatch):
     sess = make_session(model)
     dense = [sess.run(["h", "y"], f) for f in feeds]
     probe = OutputProbe(feeds, dense)
-    monkeypatch.setattr(sensitivity, "TAILS", 3)
+    monkeypatch.setattr(sensitivity, "TAILS", 4)
     probe.overridable(model, set(shapes), tail_feeds=3)
-    # the first readers of w2, w3, w4, counted without the Constant node (now an initializer)
-    assert [t.cut.start for t in probe._tails] == [2, 4, 5]
+    # the start, then the first readers of w2, w3, w4, counted without the Constant node (now an
+    # initializer); each tail takes as inputs only the weights of the layers it serves
+    assert [t.cut.start for t in probe._tails] == [0, 2, 4, 5]
+    assert [t.names for t in probe._tails] == [{"w1"}, {"w2"}, {"w3"}, {"w4"}]
     assert len(model.graph.node) == 8 and [i.name for i in model.graph.input] == ["x"]
-    for name, start in [("w1", None), ("w2", 2), ("w3", 4), ("w4", 5)]:
+    for name, start in [("w1", 0), ("w2", 2), ("w3", 4), ("w4", 5)]:
         changed = ws[name].copy()
         changed[1] = 0.0
         tail = probe._tail_for({name: changed}, 3)
         assert (tail and tail.cut.start) == start
         unchanged = probe.error_with(model, {name: ws[name]}, feeds=3)
-        assert unchanged == 0.0 if start else unchanged < 1e-12
+        assert unchanged == 0.0
         written = _branchy({**ws, name: changed})
         np.testing.assert_allclose(probe.error_with(model, {name: changed}, feeds=3), probe.error(written, 3),
                                    rtol=1e-5)
         np.testing.assert_allclose(probe.error_with(model, {name: changed}), probe.error(written), rtol=1e-5)
     both = {"w2": np.zeros_like(ws["w2"]), "w4": np.zeros_like(ws["w4"])}
-    assert probe._tail_for(both, 3).cut.start == 2
+    assert probe._tail_for(both, 3) is None  # the tail from 2 does not take w4: the whole session does
     np.testing.assert_allclose(probe.error_with(model, both, feeds=3),
                                probe.error(_branchy({**ws, **both}), 3), rtol=1e-5)
 
@@ -207,16 +209,19 @@ def test_tails_are_kept_latest_first_while_the_values_they_read_fit_the_budget(m
     probe = OutputProbe(feeds, [session.run(["h", "y"], f) for f in feeds])
     monkeypatch.setattr(sensitivity, "TAIL_VALUE_BYTES", 100)  # the reads of 3 feeds take more
     probe.overridable(model, set(ws), tail_feeds=3)
-    assert probe._tails == [] and probe.can_feed({"w4"})
+    # only the tail from the start, which reads the feeds alone, is kept: it serves every layer
+    assert [(t.cut.start, t.names) for t in probe._tails] == [(0, set(ws))] and probe.can_feed({"w4"})
     changed = {"w4": np.zeros_like(ws["w4"])}
     np.testing.assert_allclose(probe.error_with(model, changed, 3), probe.error(_branchy({**ws, **changed}), 3),
                                rtol=1e-5)
     # 3 feeds of 4 rows in float32: the tail from 5 reads a (48 bytes a feed), from 4 also s (80),
-    # from 2 also r (80): 400 bytes hold the latest two
+    # from 2 also r (80): 400 bytes hold the latest two, and the one from the start, which then
+    # serves w1 and w2
     monkeypatch.setattr(sensitivity, "TAIL_VALUE_BYTES", 400)
     probe.overridable(model, set(ws), tail_feeds=3)
-    assert [t.cut.start for t in probe._tails] == [4, 5] and probe._tail_for({"w2": ws["w2"]}, 3) is None
-    for name in ("w2", "w4"):
+    assert [(t.cut.start, t.names) for t in probe._tails] == [(0, {"w1", "w2"}), (4, {"w3"}), (5, {"w4"})]
+    assert probe._tail_for({"w2": ws["w2"]}, 3).cut.start == 0
+    for name in ("w1", "w2", "w4"):
         changed = {name: np.zeros_like(ws[name])}
         np.testing.assert_allclose(probe.error_with(model, changed, 3),
                                    probe.error(_branchy({**ws, **changed}), 3), rtol=1e-5)

@@ -72,8 +72,7 @@ class OutputProbe:
     _open: tuple | None = field(default=None, init=False, repr=False)  # overridable's (session, outputs, names)
     _tails: list = field(default_factory=list, init=False, repr=False)  # overridable's _Tail, by start
     _first: dict = field(default_factory=dict, init=False, repr=False)  # weight -> its first reader's position
-    _tail_feeds: int = field(default=0, init=False, repr=False)  # the feed count the tails serve
-    single: int | None = field(default=None, init=False)  # overridable's tail_feeds, after _lead
+    single: int | None = field(default=None, init=False)  # the feed count the tails serve (overridable)
 
     def __post_init__(self):
         self._measure()
@@ -121,19 +120,19 @@ class OutputProbe:
         feed count the tails serve, for the caller's cheaper probes."""
         base = _as_initializers(model, names)  # Constant nodes' weights fed alike
         names = set(names) & _feedable(base)
-        self._open, self._tails, self.single = None, [], tail_feeds
+        self._open, self._tails = None, []
+        self.single = None if tail_feeds is None else min(tail_feeds, len(self.feeds))
         if not names:
             return
         try:
             self._open = (make_session(_opened(base, names), self.origin), output_names(model), names)
         except LobsError:  # onnxruntime wants some of them constant: a session per probe, as before
             return
-        if tail_feeds and values:
-            tail_feeds = self.single = self._lead(model, tail_feeds, values, least)
-        if tail_feeds:
-            self._tail_feeds = min(tail_feeds, len(self.feeds))
+        if self.single and values:
+            self.single = self._lead(model, self.single, values, least)
+        if self.single:
             self._first = segments.first_reads(base, names)
-            self._tails = self._make_tails(base, names, self._tail_feeds)
+            self._tails = self._make_tails(base, names, self.single)
 
     def _lead(self, model: onnx.ModelProto, feeds: int, values: int, least: int) -> int:
         """Fewer feeds for the cheaper probes, where the feeds are batches of independent samples
@@ -142,9 +141,8 @@ class OutputProbe:
         first feeds that do, the first one split in two if it alone holds more. ResNet-50's 12
         held-out images made each probe cost 0.65 s; on 2 or 4 of them its allocation's probes
         took a quarter or half the time, and its result's held-out rel L2 was 0.00631 against
-        0.00633. The
-        parts' dense outputs are run, not sliced, and a probe on all feeds measures what it did,
-        the parts summing to the whole."""
+        0.00633. The parts' dense outputs are run, not sliced, and a probe on all feeds measures
+        what it did, the parts summing to the whole."""
         first = self.feeds[0]
         batch = _batch(model, first)
         per = sum(o.size for o in self.dense[0] if o.dtype.kind == "f") / batch if batch else 0
@@ -187,7 +185,7 @@ class OutputProbe:
             lambda i: enumerate(zip(run(session, names, {**self.feeds[i], **tensors}, origin), self.dense[i])), feeds)
 
     def _tail_for(self, tensors: dict, feeds: int | None):
-        if not self._tails or feeds != self._tail_feeds or not tensors:
+        if not self._tails or feeds != self.single or not tensors:
             return None
         first = min(self._first.get(n, -1) for n in tensors)
         tail = next((t for t in reversed(self._tails) if t.cut.start <= first), None)

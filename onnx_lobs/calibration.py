@@ -248,7 +248,9 @@ class FolderSource:
 
 
 class ReaderSource:
-    """An onnxruntime CalibrationDataReader: feeds are used as they come."""
+    """An onnxruntime CalibrationDataReader: feeds are used as they come, and kept, so that later
+    passes (sequential mode's stages, an allocation's dense pass) see them again: a reader can be
+    read only once."""
 
     def __init__(self, reader, origin: str, specs):
         if not callable(getattr(reader, "get_next", None)):
@@ -256,6 +258,8 @@ class ReaderSource:
         self.reader, self.origin, self.specs = reader, origin, specs
         self.n = None
         self.extra: dict = {}
+        self._read: list[dict] = []  # the feeds read so far, checked
+        self._done = False
 
     def count(self, feed: dict) -> int:
         """A feed's samples: axis 0 of its first input that has axes, else 1."""
@@ -266,19 +270,22 @@ class ReaderSource:
         yield from _every_tenth(self.feeds(batch_size), samples, self.count)
 
     def feeds(self, batch_size: int):
-        """The reader's feeds as they come (batch_size does not apply), each checked."""
+        """The reader's feeds as they came (batch_size does not apply), each checked once."""
         k = 0
         while True:
-            feed = self.reader.get_next()
-            if feed is None:
-                return
-            try:
-                feed = {name: np.asarray(v) for name, v in feed.items()}
-            except (AttributeError, TypeError, ValueError) as e:
-                raise LobsError(f"{self.origin} (feed {k}): not a dict of arrays ({e})") from None
-            check_feed(feed, self.specs, f"{self.origin} (feed {k})")
+            if k == len(self._read):
+                feed = None if self._done else self.reader.get_next()
+                if feed is None:
+                    self._done = True
+                    return
+                try:
+                    feed = {name: np.asarray(v) for name, v in feed.items()}
+                except (AttributeError, TypeError, ValueError) as e:
+                    raise LobsError(f"{self.origin} (feed {k}): not a dict of arrays ({e})") from None
+                check_feed(feed, self.specs, f"{self.origin} (feed {k})")
+                self._read.append(feed)
+            yield self._read[k]
             k += 1
-            yield feed
 
 
 def _every_tenth(feeds, samples, count):

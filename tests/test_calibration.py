@@ -241,6 +241,33 @@ def test_reader_feeds_must_fit_exactly():
         list(open_source(Reader([[1, 2]]), model).batches(1))
 
 
+def test_a_reader_is_read_once_and_its_feeds_replayed_by_later_passes():
+    """A CalibrationDataReader cannot be rewound: a second pass (sequential mode's stages, the
+    dense pass of an allocation) sees the feeds the first one read, then the rest of the reader,
+    whichever pass stopped early."""
+    model = streaming_model(np.random.default_rng(0))
+    calls = []
+
+    class Reader:
+        def __init__(self, n):
+            self.k, self.n = 0, n
+
+        def get_next(self):
+            calls.append(self.k)
+            if self.k == self.n:
+                return None
+            self.k += 1
+            return {"state": np.full((2, 1, 8), self.k, np.float32), "x": np.zeros((3, 16), np.float32),
+                    "sr": np.array(8000)}
+
+    src = open_source(Reader(12), model)
+    first = [f["state"][0, 0, 0] for f, _ in src.batches(1, samples=8)]  # stops early
+    whole = [(f["state"][0, 0, 0], held) for f, held in src.batches(1)]
+    again = [(f["state"][0, 0, 0], held) for f, held in src.batches(1)]
+    assert first == [1, 2, 3, 4] and [v for v, _ in whole] == list(range(1, 13)) and again == whole
+    assert calls == list(range(13))  # each feed asked for once, and the end once
+
+
 def test_random_data_follows_the_layouts():
     model = streaming_model(np.random.default_rng(0))
     with pytest.warns(UserWarning, match="random data"):

@@ -351,6 +351,32 @@ def test_sequential_is_closer_to_the_dense_model_than_independent():
     assert seq < ind
 
 
+def test_a_reader_serves_the_passes_of_sequential_mode_with_an_allocation():
+    """--sequential --global reads the data twice (the allocation's dense pass, then the stages):
+    a CalibrationDataReader, which can be read once, gives the same result as its feeds in a list."""
+    from onnx_lobs.calibration import ReaderSource, input_specs
+
+    rng = np.random.default_rng(21)
+    model = mlp(rng, sizes=(12, 32, 32, 6))
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+
+    class Reader:
+        def __init__(self):
+            self.feeds = [{"x": x[i:i + 10]} for i in range(0, 200, 10)]
+
+        def get_next(self):
+            return self.feeds.pop(0) if self.feeds else None
+
+    config = PruneConfig(default_exclude=False, global_sparsity=0.5, sequential=True)
+    by_reader = prune(model, Reader(), config)
+    listed = ReaderSource(Reader(), "listed", input_specs(model))
+    list(listed.batches(1))  # read whole first: the passes replay it
+    by_list = prune(model, listed, config)
+    assert by_reader.report.samples == {"calibration": 180, "held_out": 20}
+    for name, w in weights(by_reader.model).items():
+        np.testing.assert_array_equal(w, weights(by_list.model)[name])
+
+
 @pytest.mark.parametrize("method", ["lobs", "obc", "sparsegpt", "wanda", "magnitude"])
 def test_two_four_pattern_along_the_reduction_axis(method):
     rng = np.random.default_rng(19)

@@ -137,7 +137,10 @@ def test_the_temporary_folder_is_removed_even_on_failure(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_segments_match_whole_passes_exactly_in_float64(monkeypatch):
+@pytest.mark.parametrize("budget", [0, 40_000, None])  # every cut tensor on disk, some, none
+def test_segments_match_whole_passes_exactly_in_float64(monkeypatch, budget):
+    if budget is not None:
+        monkeypatch.setattr(segments, "MEMORY_BYTES", budget)
     rng = np.random.default_rng(7)
     model = mlp(rng, sizes=(12, 24, 16, 6), dtype=np.float64)
     x = rng.standard_normal((300, 12))
@@ -145,6 +148,25 @@ def test_segments_match_whole_passes_exactly_in_float64(monkeypatch):
     wa, wb = _weights(a.model), _weights(b.model)
     for name in wa:
         np.testing.assert_allclose(wa[name], wb[name], rtol=1e-9, atol=1e-12)
+
+
+def test_the_store_keeps_tensors_in_memory_while_its_budget_lasts_and_on_disk_beyond():
+    store = segments.Store(budget=3200)
+    a, b, c = np.arange(250.0), np.ones((10, 20), np.float32), np.full(300, 7.0)  # 2000, 800, 2400 bytes
+    store.put("d", "a", 0, a)
+    store.put("p", "b", 0, b)
+    store.put("d", "c", 0, c)  # over the budget: written
+    assert store.bytes == 2800 and len(os.listdir(store.folder)) == 1
+    for side, name, v in (("d", "a", a), ("p", "b", b), ("d", "c", c)):
+        np.testing.assert_array_equal(store.get(side, name, 0), v)
+    store.drop("a", 1)
+    assert store.bytes == 800
+    store.put("p", "c", 0, c)  # room again: kept
+    assert store.bytes == 800 + 2400
+    store.drop("c", 1)
+    assert store.bytes == 800 and os.listdir(store.folder) == []
+    store.close()
+    assert not os.path.exists(store.folder)
 
 
 def test_a_tail_fed_the_values_it_reads_computes_the_models_outputs():

@@ -308,3 +308,61 @@ def test_the_damp_grid_stops_at_a_tie():
     sol = best_damped(SOLVERS["sparsegpt"], w, h, PruneConfig(), 0, None, memo=memo)
     assert sorted(d for _, d in memo) == [0.01, 0.1] and sol.damp == 0.01
     np.testing.assert_array_equal(sol.weights, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequential mode's guard against a correction that fits the calibration data's noise
+
+def _joint(calib: int, noise: float, seed: int):
+    """A Gemm (12 inputs, 8 outputs, bias) whose pruned inputs are the dense ones plus `noise`
+    of independent noise, `calib` calibration and 400 held-out samples; the collector and both
+    inputs' held-out rows (bias column included), float64."""
+    from onnx_lobs.activations import Collector
+    from onnx_lobs.graph import find_layers
+    from onnx_lobs.modelio import LoadedModel
+    from tests.builders import single_layer
+
+    rng = np.random.default_rng(seed)
+    model = single_layer("Gemm", rng.standard_normal((12, 8)), (None, 12), bias=rng.standard_normal(8),
+                         dtype=np.float64)
+    (layer,), _ = find_layers(LoadedModel(model, "m.onnx"))
+    c = Collector(layer, True)
+    x = rng.standard_normal((calib + 400, 12))
+    xp = x + noise * rng.standard_normal(x.shape)
+    node = layer.uses[0].node
+    c.fold(False, node, x[:calib], xp[:calib])
+    c.fold(True, node, x[calib:], xp[calib:])
+    return layer, c, _rows(x[calib:], layer)[:, 0], _rows(xp[calib:], layer)[:, 0]
+
+
+def _held_direct(p, solved, ad, ap):
+    """(1/2n) sum ||W' x_p - W x_d||^2 over the held-out rows, straight from them."""
+    w, new = np.c_[p.old[0], p.old_b[0]], np.c_[solved.new[0], solved.new_b[0]]
+    return 0.5 * np.mean(np.sum((ap @ new.T - ad @ w.T) ** 2, axis=1))
+
+
+@pytest.mark.parametrize("calib, noise, plain_kept", [(10, 1.0, True), (4000, 0.3, False)])
+def test_sequential_mode_solves_from_w_where_the_correction_fails_on_held_out_samples(calib, noise, plain_kept):
+    """Ten calibration samples for 13 columns: W0 = W C H_p^-1 fits their noise, and on new samples
+    the solve from W itself does far better, so it is kept (and said); with plenty of samples the
+    correction holds and its solve is kept. Either way the result is one of the two solves as
+    solve_groups gives them, and the choice follows their held-out errors measured directly."""
+    from onnx_lobs.pruning import PruneConfig
+    from onnx_lobs.report import LayerRecord
+    from onnx_lobs.solve import CORRECTION_GUARD, held_error, prepare, solve_groups, solve_layer
+
+    layer, c, ad, ap = _joint(calib, noise, seed=5)
+    config = PruneConfig(method="obc", damp=0.01)
+    p = prepare(c)
+    corrected = solve_groups(p, 0.5, config, None, layer.name)
+    plain = solve_groups(dataclasses.replace(p, corrected=False), 0.5, config, None, layer.name)
+    err_c, err_p = _held_direct(p, corrected, ad, ap), _held_direct(p, plain, ad, ap)
+    assert held_error(p, c, corrected) == pytest.approx(err_c, rel=1e-9)
+    assert held_error(p, c, plain) == pytest.approx(err_p, rel=1e-9)
+    assert (err_p < CORRECTION_GUARD * err_c) == plain_kept
+    record = LayerRecord(layer.name, layer.op, layer.weight_name, 8, 12)
+    solve_layer(c, 0.5, record, config)
+    w = layer.adapter.to_matrices(layer.uses[0].node, layer.read().astype(np.float64))
+    np.testing.assert_allclose(w, (plain if plain_kept else corrected).new, rtol=1e-12, atol=1e-12)
+    assert any("not the corrected W0" in n for n in record.notes) == plain_kept
+    assert record.corrected_error == pytest.approx(corrected.w0_err)

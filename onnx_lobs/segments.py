@@ -113,16 +113,17 @@ def _segment_model(model: onnx.ModelProto, seg: Segment, types: dict) -> onnx.Mo
     """The model cut down to the segment's nodes (rewrite/segment.py), fed the stored tensors it reads."""
     if not seg.nodes:
         return None
-    small = _nodes_alone(model, seg.nodes, types)
+    small = _nodes_alone(model, seg.nodes, seg.reads, types)
     m = read_ir(small)
     inputs = tuple((n, types[n][0], types[n][1]) for n in seg.reads if n in types)
     rewrite.apply(ExtractSegment(), m, Cut(tuple(range(len(seg.nodes))), inputs, tuple(seg.keeps)))
     return rewrite.to_proto(m, small)
 
 
-def _nodes_alone(model: onnx.ModelProto, nodes: list[int], types: dict) -> onnx.ModelProto:
+def _nodes_alone(model: onnx.ModelProto, nodes: list[int], reads: list[str], types: dict) -> onnx.ModelProto:
     """The main graph's given nodes with the initializers they read and the stored values as
-    inputs: the rule's input. Read into onnx-ir whole for every stage and side, a model of 480
+    inputs (those the segment reads, whether its nodes do or a layer reads them as they are): the
+    rule's input. Read into onnx-ir whole for every stage and side, a model of 480
     nodes cost 0.14 s a time (ocr-v6-rec at 2:4: 15 of its 25 s in sequential mode)."""
     g = model.graph
     kept = [g.node[k] for k in nodes]
@@ -135,7 +136,7 @@ def _nodes_alone(model: onnx.ModelProto, nodes: list[int], types: dict) -> onnx.
     made = {o for n in kept for o in n.output}
     graph = helper.make_graph(
         kept, g.name, [helper.make_tensor_value_info(n, types[n][0], [None] * types[n][1])
-                       for n in sorted(used & set(types)) if n not in made]
+                       for n in sorted((used | set(reads)) & set(types)) if n not in made]
         + [i for i in g.input if i.name in used and i.name not in types],
         [], [t for t in g.initializer if t.name in used],
         value_info=[v for v in g.value_info if v.name in made],

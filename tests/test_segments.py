@@ -94,6 +94,21 @@ def test_segments_give_the_result_of_whole_passes(build, method, monkeypatch):
     assert a.report.fidelity["rel_l2"] == pytest.approx(b.report.fidelity["rel_l2"], rel=1e-3)
 
 
+def test_a_stage_with_a_layer_on_a_model_input_beside_one_on_computed_values(monkeypatch):
+    """conv1 left dense: one stage holds side (reading the model input z as it is) and conv2 (whose
+    input needs nodes run), so the segment takes z as an input that none of its nodes reads."""
+    rng = np.random.default_rng(6)
+    model = residual_model(rng)
+    loaded = load_model_from(model)
+    stages = layer_stages(model, [l for l in find_layers(loaded)[0] if l.name != "conv1"])
+    assert [sorted(l.name for l in s) for s in stages][0] == ["conv2", "side"]
+    a, b = _run_both(model, _feeds(model, rng), monkeypatch, exclude=["conv1"])
+    wa, wb = _weights(a.model), _weights(b.model)
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], rtol=0, atol=2e-3 * max(1.0, np.abs(wb[name]).max()))
+    assert a.report.fidelity["rel_l2"] == pytest.approx(b.report.fidelity["rel_l2"], rel=1e-3)
+
+
 def test_every_node_runs_at_most_once_and_only_what_the_stages_need():
     rng = np.random.default_rng(4)
     model = residual_model(rng)

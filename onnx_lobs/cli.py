@@ -233,8 +233,10 @@ def _check_output(path: str, model: str) -> None:
                    "no probes), or S of every layer (uniform, unstructured only).")
 @click.option("--no-default-exclude", is_flag=True,
               help="Also prune first layers with very few input channels (left dense by default).")
-@click.option("--sequential", is_flag=True,
-              help="Calibrate each stage of layers on the model as pruned so far (error-correcting).")
+@click.option("--sequential/--independent", default=None,
+              help="Calibrate each stage of layers on the model as pruned so far (error-correcting), or "
+                   "every layer on the dense model. Default: independent, except with --pattern, where "
+                   "both run and the one whose outputs are closer to the dense model's is kept.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw the report as a PNG: per layer its sparsity and error (per group the channels kept), "

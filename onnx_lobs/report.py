@@ -56,6 +56,7 @@ class Report:
     groups: list | None = None  # structured: one record per channel group (structured.GroupRecord)
     summary: dict | None = None  # structured: the whole model before and after
     allocation: dict | None = None  # unstructured --global: how the layers' targets were chosen
+    mode: dict | None = None  # --pattern without --sequential/--independent: both modes, the one kept
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -129,6 +130,11 @@ def format_table(report: Report) -> str:
         if f.get("top1_agreement") is not None:
             parts.append(f"top-1 agreement {_pct(f['top1_agreement'], 2)}")
         lines.append(f"output fidelity on {f['samples']} held-out samples: " + ", ".join(parts))
+    m = report.mode
+    if m:
+        other = next(k for k in m["rel_l2"] if k != m["kept"])
+        lines.append(f"{m['kept']} mode kept: held-out rel L2 {_num(m['rel_l2'][m['kept']])} against "
+                     f"{_num(m['rel_l2'][other])} in {other} mode ({_num(m['seconds'][other], '.1f')} s)")
     b = report.bound
     if b:
         if b.get("measured_rms") is not None:

@@ -243,3 +243,25 @@ def test_structured_prune_and_inspect(tmp_path, capsys):
         assert cli("prune", src, "-o", str(tmp_path / "x.onnx"), "--calib", calib, *args) == 1
         assert message in capsys.readouterr().err
         assert not os.path.exists(tmp_path / "x.onnx")
+
+
+def test_the_mode_flags_and_the_default_under_a_pattern(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    src, out, calib, rep = (str(tmp_path / n) for n in ("m.onnx", "o.onnx", "c.npz", "r.json"))
+    onnx.save(mlp(rng), src)
+    np.savez(calib, x=rng.standard_normal((120, 12)).astype(np.float32))
+    common = ["-o", out, "--calib", calib, "--no-default-exclude", "--report", rep, "--quiet"]
+    assert cli("prune", src, "--pattern", "2:4", *common) == 0
+    text, report = capsys.readouterr().out, json.load(open(rep))
+    kept = report["mode"]["kept"]
+    assert f"{kept} mode kept: held-out rel L2" in text
+    assert report["config"]["sequential"] == (kept == "sequential")
+    assert set(report["mode"]["rel_l2"]) == {"independent", "sequential"}
+    for flag, sequential in (("--independent", False), ("--sequential", True)):
+        assert cli("prune", src, "--pattern", "2:4", flag, *common) == 0
+        report = json.load(open(rep))
+        assert report["mode"] is None and report["config"]["sequential"] is sequential
+        assert "mode kept" not in capsys.readouterr().out
+    assert cli("prune", src, *common) == 0  # no pattern: independent, one run
+    report = json.load(open(rep))
+    assert report["mode"] is None and report["config"]["sequential"] is False

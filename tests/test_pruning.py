@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_lobs
 from onnx_lobs import LobsError, PruneConfig, prune
 from onnx_lobs.calibration import HOLDOUT_FRACTION
+from onnx_lobs.report import format_table
 from tests import subgraphs
 from tests.builders import make_model, mlp, single_layer, small_cnn, tensor, vi
 
@@ -25,6 +27,16 @@ def run(model, feed):
 def split(n):
     h = max(n // HOLDOUT_FRACTION, 1)
     return slice(0, n - h), slice(n - h, n)
+
+
+class Reader:
+    """A CalibrationDataReader over x in feeds of the given size: it can be read once."""
+
+    def __init__(self, x, size):
+        self.feeds = [{"x": x[i:i + size]} for i in range(0, len(x), size)]
+
+    def get_next(self):
+        return self.feeds.pop(0) if self.feeds else None
 
 
 def weights(model):
@@ -351,6 +363,48 @@ def test_sequential_is_closer_to_the_dense_model_than_independent():
     assert seq < ind
 
 
+@pytest.mark.parametrize("seed", [0, 8])  # independent kept, sequential kept
+def test_a_pattern_without_a_mode_runs_both_and_keeps_the_closer_outputs(seed):
+    """The kept run is, mask for mask, the explicit run of the mode whose held-out rel L2 is lower."""
+    rng = np.random.default_rng(seed)
+    model = mlp(rng, sizes=(16, 24, 24, 8))
+    data = {"x": rng.standard_normal((120, 16)).astype(np.float32)}
+    base = PruneConfig(default_exclude=False, pattern=(2, 4))
+    both = prune(model, data, base)
+    explicit = {k: prune(model, data, replace(base, sequential=s))
+                for k, s in (("independent", False), ("sequential", True))}
+    errors = {k: r.report.fidelity["rel_l2"] for k, r in explicit.items()}
+    kept = min(errors, key=lambda k: (errors[k], k != "independent"))
+    m = both.report.mode
+    assert m["kept"] == kept and m["rel_l2"] == pytest.approx(errors, rel=1e-12)
+    assert both.report.config["sequential"] == (kept == "sequential")
+    assert both.report.timings["total"] == pytest.approx(sum(m["seconds"].values()))
+    for name, mask in explicit[kept].masks.items():
+        np.testing.assert_array_equal(both.masks[name], mask)
+    for name, w in weights(explicit[kept].model).items():
+        np.testing.assert_array_equal(w, weights(both.model)[name])
+    assert f"{kept} mode kept" in format_table(both.report)
+
+
+def test_without_a_pattern_the_default_mode_is_independent():
+    rng = np.random.default_rng(4)
+    model = mlp(rng, sizes=(16, 24, 24, 8))
+    data = {"x": rng.standard_normal((100, 16)).astype(np.float32)}
+    result = prune(model, data, PruneConfig(default_exclude=False, sparsity=0.5, global_sparsity=None))
+    assert result.report.mode is None and result.report.config["sequential"] is False
+
+
+def test_a_pattern_with_nothing_held_out_keeps_independent_mode_and_says_so():
+    """A reader of fewer than ten feeds holds nothing out: it is read once, by the independent run."""
+    rng = np.random.default_rng(5)
+    model = mlp(rng, sizes=(16, 24, 24, 8))
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    with pytest.warns(UserWarning, match="nothing held out to compare the modes on"):
+        result = prune(model, Reader(x, 8), PruneConfig(default_exclude=False, pattern=(2, 4)))
+    assert result.report.mode is None and result.report.config["sequential"] is False
+    assert result.report.samples == {"calibration": 40, "held_out": 0}
+
+
 def test_a_reader_serves_the_passes_of_sequential_mode_with_an_allocation():
     """--sequential --global reads the data twice (the allocation's dense pass, then the stages):
     a CalibrationDataReader, which can be read once, gives the same result as its feeds in a list."""
@@ -359,17 +413,9 @@ def test_a_reader_serves_the_passes_of_sequential_mode_with_an_allocation():
     rng = np.random.default_rng(21)
     model = mlp(rng, sizes=(12, 32, 32, 6))
     x = rng.standard_normal((200, 12)).astype(np.float32)
-
-    class Reader:
-        def __init__(self):
-            self.feeds = [{"x": x[i:i + 10]} for i in range(0, 200, 10)]
-
-        def get_next(self):
-            return self.feeds.pop(0) if self.feeds else None
-
     config = PruneConfig(default_exclude=False, global_sparsity=0.5, sequential=True)
-    by_reader = prune(model, Reader(), config)
-    listed = ReaderSource(Reader(), "listed", input_specs(model))
+    by_reader = prune(model, Reader(x, 10), config)
+    listed = ReaderSource(Reader(x, 10), "listed", input_specs(model))
     list(listed.batches(1))  # read whole first: the passes replay it
     by_list = prune(model, listed, config)
     assert by_reader.report.samples == {"calibration": 180, "held_out": 20}

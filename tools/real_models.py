@@ -327,9 +327,10 @@ MODELS = {
 }
 
 CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the peer's SparseGPT
-    # the CLI's defaults: --sparsity S overall, allocated by output, method auto; --pattern N:M on
-    # every layer
+    # the CLI's defaults: --sparsity S overall, allocated by output, method auto, independent mode;
+    # --pattern N:M on every layer, in both modes, the one with the closer outputs kept
     "default": {"overall": True},
+    "default-independent": {"overall": True},  # the default before 0.3 under N:M
     "auto-uniform": {},  # S of each layer (--allocation uniform)
     "lobs": {"method": "lobs"},  # the defaults before 0.2
     "sparsegpt": {"method": "sparsegpt"},
@@ -373,6 +374,8 @@ def pruned_by(config: str, model, calib, target, real: Real):
         nm = {"n": target[0], "m": target[1]} if isinstance(target, tuple) else {"sparsity": target}
         return onnxsim.apply_sparsegpt_pruning(model, calibration_data=calib, num_samples=len(calib), **nm), None
     fields = dict(CONFIGS[config])
+    if config != "default":  # a named configuration is one mode: independent unless it says sequential
+        fields.setdefault("sequential", False)
     kw = {"pattern": target} if isinstance(target, tuple) else {"sparsity": target}
     if fields.pop("overall", False) and not isinstance(target, tuple):
         kw = {"global_sparsity": target}

@@ -77,12 +77,35 @@ class Collector:
         for cd, cp in zip(cols_d, unfold(adapter, node, xp, shape)):
             acc.add(np.concatenate([cd, cp], axis=2))
 
+    def input_key(self) -> tuple:
+        """Equal for collectors whose accumulators receive identical columns."""
+        layer = self.layer
+        return (self.joint, self.calib.bias, layer.weight.compute_dtype,
+                tuple((u.x, address(u.x_scope), layer.adapter.columns_key(u.node, layer.shape))
+                      for u in layer.uses))
+
     def hessians(self, acc: HessianAccumulator):
         """(H_p, C, H_d) of one of this collector's accumulators; (H, H, H) in independent mode."""
         if self.joint:
             return acc.blocks(self.layer.geometry.cols)
         h = acc.hessian()
         return h, h, h
+
+
+def share(collectors: list[Collector]) -> list[Collector]:
+    """The collectors that fold, one per distinct input: layers reading one tensor alike (q/k/v,
+    gate/up) take the first one's accumulators, so each sum is built once and held once. Only
+    empty accumulators are shared, so a pass never drops what an earlier one folded."""
+    owners, folding, seen = {}, [], set()
+    for c in collectors:
+        if c.calib.n == 0 and c.hold.n == 0:
+            owner = owners.setdefault(c.input_key(), c)
+            if owner is not c:
+                c.calib, c.hold = owner.calib, owner.hold
+        if id(c.calib) not in seen:  # each accumulator folds once a batch
+            seen.add(id(c.calib))
+            folding.append(c)
+    return folding
 
 
 def _requests(collectors):
@@ -150,6 +173,7 @@ def collect(dense: Session, pruned: Session | None, collectors: list[Collector],
     """Stream the data once; fold each batch's layer inputs into the collectors' accumulators."""
     samples = {"calibration": 0, "held_out": 0}
     held_feeds, held_dense = [], []
+    folding = share(collectors)
     bar = reading.bar(label)
     try:
         for feed, held in source.batches(reading.batch_size, reading.samples):
@@ -158,7 +182,7 @@ def collect(dense: Session, pruned: Session | None, collectors: list[Collector],
             pruned_values = pruned.run(feed, source.origin, False, collectors)[1] if pruned is not None else None
             add_time(timings, "forward", t)
             t = time.perf_counter()
-            for c in collectors:
+            for c in folding:
                 xs = dense.inputs_of(dense_values, c)
                 xps = pruned.inputs_of(pruned_values, c) if pruned is not None else [None] * len(xs)
                 for u, xd, xp in zip(c.layer.uses, xs, xps):

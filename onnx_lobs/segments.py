@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from . import rewrite
-from .activations import Collector, Reading, add_time
+from .activations import Collector, Reading, add_time, share
 from .calibration import DataSource
 from .graph import Layer
 from .index import GraphIndex, Site, read_ir, subgraphs
@@ -262,6 +262,7 @@ class SegmentedPass:
             m = _segment_model(model, seg, self.store.types)
             sessions[side] = make_session(m, self.model_path) if m is not None else None
         add_time(self.timings, "prepare", t)
+        folding = share(collectors)
         bar = self.reading.bar(label, sum(self.feeds.sizes))
         try:
             for b, (n, held) in enumerate(zip(self.feeds.sizes, self.feeds.held)):
@@ -277,7 +278,7 @@ class SegmentedPass:
                     values[side] = got
                 add_time(self.timings, "forward", t)
                 t = time.perf_counter()
-                for c in collectors:
+                for c in folding:
                     for u in c.layer.uses:
                         c.fold(held, u.node, values["d"][u.x], values["p"][u.x])
                 add_time(self.timings, "hessian", t)

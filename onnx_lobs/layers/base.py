@@ -49,6 +49,10 @@ class Adapter(Protocol):
     def view_key(self, node: NodeProto) -> tuple:
         """The attributes that decide the matrix view: nodes sharing a weight must agree on it."""
 
+    def columns_key(self, node: NodeProto, weight_shape: tuple) -> tuple:
+        """What, besides the input tensor, decides the unfolded columns: layers that read one
+        tensor with equal keys have one Hessian (activations.share)."""
+
     def input_rank(self, weight_shape: tuple) -> int | None:
         """The rank the op's activation input has (None: any, leading axes are samples)."""
 

@@ -106,6 +106,11 @@ class ConvFamily:
     def view_key(self, node):
         return ("group", node_attrs(node).get("group", 1))
 
+    def columns_key(self, node, weight_shape):
+        g = self.geometry(node, weight_shape)  # with the kernel, cols fix the input channels
+        attrs = tuple(sorted((k, str(v)) for k, v in node_attrs(node).items()))
+        return self.op, attrs, g.groups, g.cols, tuple(weight_shape[2:])
+
     def window(self, node, d: int, weight_shape) -> tuple:
         """(attributes, spatial rank, kernel, strides, dilations) of the node's sliding window."""
         a = node_attrs(node)

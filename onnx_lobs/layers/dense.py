@@ -27,6 +27,9 @@ class _Dense:
     def fan_in(self, node, weight_shape):
         return self.geometry(node, weight_shape).cols
 
+    def columns_key(self, node, weight_shape):
+        return self.op, node_attrs(node).get("transA", 0), self.geometry(node, weight_shape).cols
+
     def nm_groups(self, node, weight_shape, m):
         """N:M groups run along the reduction axis K: m consecutive columns."""
         return contiguous_groups(self.geometry(node, weight_shape).cols, m)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import rewrite
 from .calibration import DataSource
 from .graph import Layer
-from .hessian import HessianAccumulator
+from .hessian import HeldOut, HessianAccumulator
 from .index import address, read_ir
 from .layers import unfold
 from .rewrite.expose import ExposeValue, Request
@@ -63,7 +63,16 @@ class Collector:
         cols = g.cols * (2 if self.joint else 1)
         bias = self.layer.bias is not None if self.bias is None else self.bias
         self.calib = HessianAccumulator(g.groups, cols, bias)
-        self.hold = HessianAccumulator(g.groups, cols, bias)
+        self.hold = HeldOut(g.groups, cols, bias)
+
+    def release(self) -> None:
+        """Drop the sums once the layer is solved, keeping their counts (the report's rows per
+        sample): under a memory budget only one block's sums are alive (memory.py)."""
+        for name, kind in (("calib", HessianAccumulator), ("hold", HeldOut)):
+            old = getattr(self, name)
+            spent = kind(0, 0, old.bias)
+            spent.n = old.n
+            setattr(self, name, spent)
 
     def fold(self, held: bool, node, xd: np.ndarray, xp: np.ndarray | None) -> None:
         """One use's input batch (dense, and pruned in joint mode) into the accumulator."""

@@ -237,6 +237,10 @@ def _check_output(path: str, model: str) -> None:
               help="Calibrate each stage of layers on the model as pruned so far (error-correcting), or "
                    "every layer on the dense model. Default: independent, except with --pattern, where "
                    "both run and the one whose outputs are closer to the dense model's is kept.")
+@click.option("--memory-budget", metavar="SIZE",
+              help="At most this much memory for the Hessian sums at once (e.g. 6G, 512M): layers are "
+                   "calibrated and solved block by block in graph order to stay within it. Default: a "
+                   "quarter of this machine's memory.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw the report as a PNG: per layer its sparsity and error (per group the channels kept), "
@@ -244,11 +248,12 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, structured, round_to, flops, no_latency, layer_sparsity, max_error, method, exclude, samples,
-          batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, report_path, plot_path,
-          seed, quiet):
+          batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, memory_budget,
+          report_path, plot_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
     from .modelio import save_model
+    from .memory import parse_size
     from .pruning import PruneConfig, prune as run_prune
     from .report import format_table
 
@@ -276,6 +281,7 @@ def prune(model, output, calib, sparsity, structured, round_to, flops, no_latenc
                          pattern=_pattern(pattern), global_sparsity=global_sparsity,
                          default_exclude=not no_default_exclude, structured=structured, round_to=round_to,
                          flops=flops, allocation=allocation, latency=not no_latency,
+                         memory_budget=None if memory_budget is None else parse_size(memory_budget),
                          progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -15,6 +15,7 @@ from .activations import Collector, PassResult, Reading, Session, collect
 from .allocation import allocate, default_exclusion, explicit_sparsity, input_derived, removal_costs
 from .calibration import open_source
 from .errors import LobsError
+from .memory import Plan, default_budget, pack, size_text
 from .evaluate import Fidelity
 from .graph import Layer, find_layers, matches
 from .modelio import as_loaded, over_limit
@@ -58,6 +59,8 @@ class PruneConfig:
     # structured --flops/--global: rank removals by their measured effect on the outputs ("output",
     # the default) or by normalised layer-wise cost ("layer")
     allocation: str | None = None
+    # bytes of Hessian sums alive at once (memory.py); None: memory.DEFAULT_SHARE of physical memory
+    memory_budget: int | None = None
     latency: bool = True  # structured: time both models in onnxruntime for the report
     progress: bool = False
 
@@ -85,6 +88,8 @@ class PruneConfig:
             raise LobsError(f"--max-error must be positive, got {self.max_error}")
         if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
             raise LobsError("--batch-size and --samples must be positive")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise LobsError(f"--memory-budget must be positive, got {self.memory_budget}")
         if self.damp is not None and not 0 <= self.damp < 1e3:
             raise LobsError(f"--damp must be 'auto' or a number in [0, 1000), got {self.damp}")
 
@@ -133,9 +138,9 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
         if work else None
     timings["load"] = time.perf_counter() - t
 
-    masks, held, allocation = {}, None, None
+    masks, held, allocation, memory = {}, None, None, None
     if work:
-        held, allocation = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
+        held, allocation, memory = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -156,7 +161,8 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
     if allocation is not None and fidelity is not None:
         allocation["measured_rel_l2"] = fidelity.get("rel_l2")
     report = Report(records, overall_sparsity([r for r in records if r.params], zeros),
-                    _config_dict(config), timings, fidelity, bound, samples, versions(), allocation=allocation)
+                    _config_dict(config), timings, fidelity, bound, samples, versions(), allocation=allocation,
+                    memory=memory)
     return PruneResult(loaded.model, report, masks, bool(loaded.external))
 
 
@@ -306,17 +312,20 @@ def _allocate_globally(work, collectors, records, config) -> None:
         w.record.target_sparsity = w.target
 
 
-def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) -> tuple[PassResult, dict | None]:
-    """Independent mode: one pass, then every solve. Sequential: per stage, a pass and its solves
-    (by graph segments, segments.py, unless a layer input lives in a subgraph: whole passes).
+def _calibrate_and_solve(loaded, work, records, source, config, timings, masks):
+    """Independent mode: one pass, then every solve; over the memory budget, block by block.
+    Sequential: per stage (cut into blocks under the budget), a pass and its solves. Blocks and
+    stages run by graph segments (segments.py), unless a layer input lives in a subgraph: whole
+    passes. Returns (held-out pass, allocation summary, memory summary).
 
     --global needs every layer's dense Hessian before the first solve: in independent mode that
     is the one pass; in sequential mode it costs one extra pass.
     """
-    dense_model = _copy(loaded.model) if config.sequential else loaded.model
-    stages = layer_stages(loaded.model, [w.layer for w in work]) if config.sequential else [None]
     by_layer = {id(w.layer): w for w in work}
-    segments = plan(loaded.model, stages) if config.sequential else None
+    stages, memory = _blocks(loaded, work, by_layer, config)
+    # a later stage or block runs the nodes of layers solved before it: they need the dense weights
+    dense_model = _copy(loaded.model) if stages[0] is not None else loaded.model
+    segments = plan(loaded.model, stages) if stages[0] is not None else None
     dense = None
     if segments is None or config.global_sparsity is not None:
         t = time.perf_counter()
@@ -329,18 +338,21 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
         t = time.perf_counter()
         allocation = _allocate(loaded, work, plain, records, config, held)
         timings["allocate"] = time.perf_counter() - t
+        if config.sequential:
+            for c in plain:
+                c.release()
     if segments is not None:
-        return _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
-                                       config, timings, masks, held), allocation
+        return _by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
+                            config, timings, masks, held), allocation, memory.summary()
     for k, stage in enumerate(stages):
         todo = work if stage is None else [by_layer[id(layer)] for layer in stage]
         if stage is not None or held is None:
             pruned = None
-            if stage is not None:
+            if config.sequential:
                 t = time.perf_counter()
                 pruned = Session(loaded.model, [w.collector for w in todo], loaded.path)  # has earlier stages' weights
                 timings["prepare"] += time.perf_counter() - t
-            label = "calibrating" if stage is None else f"stage {k + 1}/{len(stages)}"
+            label = "calibrating" if stage is None else f"{_unit(config)} {k + 1}/{len(stages)}"
             result = _checked(collect(dense, pruned, [w.collector for w in todo], source, _reading(config), timings,
                                       keep_held=held is None, label=label), source)
             held = held or result
@@ -348,13 +360,40 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks) 
         for w in todo:
             _solve(w, config, masks)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-    return held, allocation
+    return held, allocation, memory.summary()
 
 
-def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
-                            masks, held) -> PassResult:
-    """Sequential mode with every node run once per model (segments.py); same results as a
-    whole pass per stage."""
+def _unit(config) -> str:
+    return "stage" if config.sequential else "block"
+
+
+def _blocks(loaded, work, by_layer, config) -> tuple[list, Plan]:
+    """The passes: sequential mode's stages cut to fit the memory budget, or in independent mode
+    [None] (one pass for all layers) when every sum fits at once, blocks in graph order if not."""
+    budget = config.memory_budget or default_budget()
+    where = loaded.path or "model"
+    whole = pack([[w.collector for w in work]], budget, where, across=True)
+    if config.global_sparsity is not None and whole.total > budget:
+        # the allocation compares every layer before solving any: all dense sums are alive at once
+        plain = pack([[Collector(w.layer, False) for w in work]], budget, where, across=True)
+        if plain.total > budget:
+            text = (f"{where}: --global needs every layer's Hessian sums at once, {size_text(plain.total)}, over "
+                    f"the memory budget of {size_text(budget)}")
+            if config.memory_budget is not None:
+                raise LobsError(text + ": raise --memory-budget or prune by layer (without --global)")
+            warnings.warn(text + " (the default share of this machine's memory): going over it")
+    if not config.sequential and (len(whole.blocks) == 1 or config.global_sparsity is not None):
+        return [None], whole
+    stages = layer_stages(loaded.model, [w.layer for w in work])
+    memory = pack([[by_layer[id(layer)].collector for layer in stage] for stage in stages], budget, where,
+                  across=not config.sequential)
+    return [[c.layer for c in block] for block in memory.blocks], memory
+
+
+def _by_segments(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
+                 masks, held) -> PassResult:
+    """Sequential mode's stages, or independent mode's blocks (the dense side alone), with every
+    node run once per model (segments.py); same results as a whole pass per stage."""
     t = time.perf_counter()
     runner = SegmentedPass(segments, source, _reading(config), timings, loaded.path)
     timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
@@ -364,8 +403,8 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
             raise LobsError(f"{source.origin}: no calibration samples")
         for k, stage in enumerate(stages):
             todo = [by_layer[id(layer)] for layer in stage]
-            runner.stage(k, dense_model, loaded.model, [w.collector for w in todo],
-                         f"stage {k + 1}/{len(stages)}")
+            runner.stage(k, dense_model, loaded.model if config.sequential else None,
+                         [w.collector for w in todo], f"{_unit(config)} {k + 1}/{len(stages)}")
             t = time.perf_counter()
             for w in todo:
                 _solve(w, config, masks)
@@ -383,14 +422,17 @@ def _sequential_by_segments(loaded, dense_model, work, stages, segments, by_laye
 
 
 def _solve(w, config, masks) -> None:
-    if w.collector.calib.n == 0:
-        w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
-        return
-    if w.target == 0 and config.global_sparsity is not None:
-        w.record.notes.append("left dense by the allocation")
-        return
-    masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved, w.problem)
-    w.solved = w.problem = None
+    try:
+        if w.collector.calib.n == 0:
+            w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
+        elif w.target == 0 and config.global_sparsity is not None:
+            w.record.notes.append("left dense by the allocation")
+        else:
+            masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved,
+                                                     w.problem)
+    finally:
+        w.solved = w.problem = None
+        w.collector.release()  # a layer sharing the sums keeps them until it is solved too
 
 
 def _reading(config: PruneConfig) -> Reading:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .memory import size_text
+
 
 @dataclass
 class LayerRecord:
@@ -57,6 +59,7 @@ class Report:
     summary: dict | None = None  # structured: the whole model before and after
     allocation: dict | None = None  # unstructured --global: how the layers' targets were chosen
     mode: dict | None = None  # --pattern without --sequential/--independent: both modes, the one kept
+    memory: dict | None = None  # the Hessian sums against --memory-budget, and the blocks (memory.Plan)
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -135,6 +138,10 @@ def format_table(report: Report) -> str:
         other = next(k for k in m["rel_l2"] if k != m["kept"])
         lines.append(f"{m['kept']} mode kept: held-out rel L2 {_num(m['rel_l2'][m['kept']])} against "
                      f"{_num(m['rel_l2'][other])} in {other} mode ({_num(m['seconds'][other], '.1f')} s)")
+    mem = report.memory
+    if mem and mem["cut"]:
+        lines.append(f"memory: Hessian sums {size_text(mem['hessian_bytes'])} in {mem['blocks']} blocks of at "
+                     f"most {size_text(mem['block_bytes'])} (budget {size_text(mem['budget'])})")
     b = report.bound
     if b:
         if b.get("measured_rms") is not None:

@@ -30,6 +30,7 @@ from .activations import Collector, Reading, add_time, share
 from .calibration import DataSource
 from .graph import Layer
 from .index import GraphIndex, Site, read_ir, subgraphs
+from .memory import physical
 from .rewrite.segment import Cut, ExtractSegment
 from .runtime import make_session, run
 
@@ -150,16 +151,9 @@ def _nodes_alone(model: onnx.ModelProto, nodes: list[int], reads: list[str], typ
 SHARED = "s"  # the side of the model inputs, the same for the dense and the pruned model
 
 
-def _memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not on this platform
-        return 8 << 30
-
-
 # Cut tensors are kept in memory up to this many bytes, the rest on disk: writing and reading
 # every one as .npy cost ocr-v6-rec at 2:4 about 3 of its 6 forward seconds.
-MEMORY_BYTES = max(256 << 20, _memory() // 16)
+MEMORY_BYTES = max(256 << 20, physical() // 16)
 
 
 class Store:
@@ -253,12 +247,13 @@ class SegmentedPass:
         return {"calibration": sum(n for n, h in zip(f.sizes, f.held) if not h),
                 "held_out": sum(n for n, h in zip(f.sizes, f.held) if h)}
 
-    def stage(self, k: int, dense: onnx.ModelProto, pruned: onnx.ModelProto, collectors: list[Collector],
+    def stage(self, k: int, dense: onnx.ModelProto, pruned: onnx.ModelProto | None, collectors: list[Collector],
               label: str) -> None:
+        """Stage k's pass; with pruned None, the dense side alone (independent mode's blocks)."""
         seg = self.segments[k]
         t = time.perf_counter()
         sessions = {}
-        for side, model in (("d", dense), ("p", pruned)):
+        for side, model in (("d", dense), ("p", pruned)) if pruned is not None else (("d", dense),):
             m = _segment_model(model, seg, self.store.types)
             sessions[side] = make_session(m, self.model_path) if m is not None else None
         add_time(self.timings, "prepare", t)
@@ -280,7 +275,7 @@ class SegmentedPass:
                 t = time.perf_counter()
                 for c in folding:
                     for u in c.layer.uses:
-                        c.fold(held, u.node, values["d"][u.x], values["p"][u.x])
+                        c.fold(held, u.node, values["d"][u.x], values["p"][u.x] if c.joint else None)
                 add_time(self.timings, "hessian", t)
                 bar.update(n)
         finally:

@@ -528,3 +528,40 @@ def test_the_reversed_damped_hessian_is_the_damped_one_with_its_order_reversed()
     np.testing.assert_array_equal(dead_r, dead)
     np.testing.assert_allclose(rev, hd[::-1, ::-1], rtol=1e-6)
     assert hd[1, 1] == pytest.approx(1.0 + 0.1 * np.mean(np.diagonal(h))) and not hd[1, [0, 2, 3, 5]].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# held-out columns: kept as they are while smaller than their sums
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n, folded", [(6, False), (40, True)])
+def test_held_out_columns_give_the_errors_and_hessians_of_their_sums(bias, n, folded):
+    rng = np.random.default_rng(40 + bias)
+    groups, cols, rows = 2, 7, 3
+    x = rng.standard_normal((groups, n, cols)) + 0.3
+    held = hessian.HeldOut(groups, cols, bias)
+    ref = HessianAccumulator(groups, cols, bias, exact=True)
+    for part in (x[:, :n // 2], x[:, n // 2:], x[:, :0]):
+        held.add(part)
+        ref.add(part)
+    assert held.n == ref.n == n
+    # columns while they take less than the sums would, sums beyond (40 x 7 floats > 7 x 8 doubles)
+    assert (held.sums is not None) == folded and held.nbytes <= held.limit
+    assert held.limit == ref._xx.nbytes + ref._x.nbytes
+    xa = augmented(x, bias)
+    for g in range(groups):
+        w = rng.standard_normal((rows, cols + bias))
+        direct = _direct_energy(w, xa[g])
+        assert held.quadratic_form(g, w) == pytest.approx(direct, rel=1e-6 if folded else 1e-12)
+    np.testing.assert_allclose(held.hessian(), ref.hessian(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(held.blocks(3), ref.blocks(3)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_held_out_columns_are_checked_like_sums():
+    held = hessian.HeldOut(2, 4, False)
+    with pytest.raises(ValueError, match="2 group"):
+        held.add(np.zeros((1, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="no calibration samples"):
+        held.quadratic_form(0, np.zeros((1, 4)))

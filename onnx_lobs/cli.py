@@ -241,6 +241,16 @@ def _check_output(path: str, model: str) -> None:
               help="At most this much memory for the Hessian sums at once (e.g. 6G, 512M): layers are "
                    "calibrated and solved block by block in graph order to stay within it. Default: a "
                    "quarter of this machine's memory.")
+@click.option("--workers", type=int, default=1, show_default=True, metavar="N",
+              help="Solve layers in N processes side by side (BLAS threads shared out, never "
+                   "oversubscribed); the output is identical to one process's.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run the calibration shards and the solves on a Ray cluster (the 'distributed' "
+                   "extra; see README, Distributed).")
+@click.option("--address", metavar="ADDR",
+              help="With --executor ray: the cluster to join (default: RAY_ADDRESS, else a local one).")
+@click.option("--shards", type=int, metavar="N",
+              help="With --executor ray: calibration shards, one Ray actor each (default: the cluster's CPUs).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw the report as a PNG: per layer its sparsity and error (per group the channels kept), "
@@ -249,7 +259,7 @@ def _check_output(path: str, model: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(model, output, calib, sparsity, structured, round_to, flops, no_latency, layer_sparsity, max_error, method, exclude, samples,
           batch_size, damp, pattern, global_sparsity, allocation, no_default_exclude, sequential, memory_budget,
-          report_path, plot_path, seed, quiet):
+          workers, executor, address, shards, report_path, plot_path, seed, quiet):
     """Prune MODEL and write the result to OUTPUT."""
     from .atomic import write_atomic
     from .modelio import save_model
@@ -281,7 +291,8 @@ def prune(model, output, calib, sparsity, structured, round_to, flops, no_latenc
                          pattern=_pattern(pattern), global_sparsity=global_sparsity,
                          default_exclude=not no_default_exclude, structured=structured, round_to=round_to,
                          flops=flops, allocation=allocation, latency=not no_latency,
-                         memory_budget=None if memory_budget is None else parse_size(memory_budget),
+                         memory_budget=None if memory_budget is None else parse_size(memory_budget), workers=workers,
+                         executor=executor, address=address, shards=shards,
                          progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

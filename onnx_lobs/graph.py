@@ -201,6 +201,8 @@ def find_layers(loaded: LoadedModel, index: GraphIndex | None = None) -> tuple[l
             else:
                 ref = constants.at(site, ADAPTERS[op].weight_input)
                 candidates.setdefault(ref.value, []).append(site)
+        elif op == "Gather" and _embedding_table(site, constants):
+            skipped.append(Skipped(site.label, op, site.proto.input[0], EMBEDDING))
         elif op in UNSUPPORTED_WEIGHTED:
             held = [k for k in range(len(site.node.inputs)) if constants.at(site, k) is not None]
             if held:
@@ -212,6 +214,30 @@ def find_layers(loaded: LoadedModel, index: GraphIndex | None = None) -> tuple[l
         if layer is not None:
             layers.append(layer)
     return layers, skipped
+
+
+EMBEDDING = ("embedding lookup: its rows are looked up, not multiplied, so no layer-wise error prices "
+             "them; not a prunable layer")
+
+
+def _embedding_table(site: Site, constants: Constants) -> bool:
+    table = constants.at(site, 0)
+    return isinstance(table, ConstRef) and table.dtype in FLOAT_TYPES and len(table.tensor.dims) == 2
+
+
+def _transposed_constant(site: Site, k: int) -> str | None:
+    """Why a weight made by a Transpose of a constant at run time is left dense, or None."""
+    w = site.node.inputs[k] if len(site.node.inputs) > k else None
+    p = w.producer() if w is not None else None
+    if p is None or p.op_type != "Transpose" or not p.inputs or p.inputs[0] is None:
+        return None
+    src = p.inputs[0]
+    if not (src.is_initializer() or (src.producer() is not None and src.producer().op_type == "Constant")):
+        return None
+    if any(u.node.op_type == "Gather" for u in src.uses()):
+        return (f"weight is {src.name} transposed at run time, the embedding table a Gather also reads (tied "
+                f"embeddings): pruning it would change the embeddings too, so it is left dense")
+    return f"weight is {src.name} transposed at run time (a Transpose node), not a constant"
 
 
 def _input_name(site: Site, k: int) -> str | None:
@@ -230,8 +256,9 @@ def _unprunable(site: Site, constants: Constants) -> str | None:
     if ref == QUANTIZED:
         return "quantized weight (DequantizeLinear)"
     if ref is None:
-        return ("constant is the first operand (x @ W form only)" if isinstance(constants.at(site, 0), ConstRef)
-                else "weight is computed at run time, not a constant")
+        if isinstance(constants.at(site, 0), ConstRef):
+            return "constant is the first operand (x @ W form only)"
+        return _transposed_constant(site, adapter.weight_input) or "weight is computed at run time, not a constant"
     if ref.dtype not in FLOAT_TYPES:
         return f"weight has non-float type {TensorProto.DataType.Name(ref.dtype)}"
     return adapter.skip_reason(site.proto, tuple(ref.tensor.dims))

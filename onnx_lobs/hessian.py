@@ -163,6 +163,17 @@ class HeldOut:
             self.cols = []
         self.sums.add(x)
 
+    def merge(self, other: "HeldOut") -> None:
+        """Add another shard's held-out columns or sums (distributed.py)."""
+        for x in other.cols:
+            self.add(x)
+        if other.sums is not None:
+            if self.sums is None:
+                self.sums = self._summed()
+                self.cols = []
+            self.sums.merge(other.sums)
+            self.n += other.sums.n
+
     def _summed(self) -> HessianAccumulator:
         acc = HessianAccumulator(*self.shape, self.bias, self.exact)
         for x in self.cols:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from .activations import Collector, PassResult, Reading, Session, collect
+from .activations import Collector, Session, collect
 from .allocation import allocate, default_exclusion, explicit_sparsity, input_derived, removal_costs
 from .calibration import open_source
 from .errors import LobsError
@@ -20,12 +20,13 @@ from .evaluate import Fidelity
 from .graph import Layer, find_layers, matches
 from .modelio import as_loaded, over_limit
 from .output_allocation import build_curves, choose, uniform_level
-from .segments import SegmentedPass, plan
+from .segments import plan
+from .passes import by_passes, by_ray, by_segments, checked, reading
 from .topology import layer_chain, layer_stages
 from .report import LayerRecord, Report, chain_bound, overall_sparsity, versions
 from .runtime import make_session, output_names, run
 from .sensitivity import output_probe
-from .solve import solve_layer
+from .workers import Pool
 from .structured import check_config, prune_structured
 from .structured_allocation import ALLOCATIONS
 from .version import __version__
@@ -61,6 +62,10 @@ class PruneConfig:
     allocation: str | None = None
     # bytes of Hessian sums alive at once (memory.py); None: memory.DEFAULT_SHARE of physical memory
     memory_budget: int | None = None
+    workers: int = 1  # processes solving layers side by side (workers.py); the output is the same
+    executor: str = "local"  # "ray": calibration shards and solves on a Ray cluster (distributed.py)
+    address: str | None = None  # --executor ray: the cluster to join (None: a local one, or RAY_ADDRESS)
+    shards: int | None = None  # --executor ray: calibration shards, one actor each (None: the cluster's CPUs)
     latency: bool = True  # structured: time both models in onnxruntime for the report
     progress: bool = False
 
@@ -88,6 +93,17 @@ class PruneConfig:
             raise LobsError(f"--max-error must be positive, got {self.max_error}")
         if self.batch_size < 1 or (self.samples is not None and self.samples < 1):
             raise LobsError("--batch-size and --samples must be positive")
+        if self.executor not in ("local", "ray"):
+            raise LobsError(f"--executor must be local or ray, got {self.executor}")
+        if self.executor == "ray" and self.global_sparsity is not None:
+            raise LobsError("--executor ray solves each layer at its own target: give --allocation uniform "
+                            "or --pattern (an allocation across layers, --global, is not distributed yet)")
+        if self.shards is not None and self.shards < 1:
+            raise LobsError(f"--shards must be at least 1, got {self.shards}")
+        if self.executor == "ray" and self.structured:
+            raise LobsError("--executor ray does not take --structured yet")
+        if self.workers < 1:
+            raise LobsError(f"--workers must be at least 1, got {self.workers}")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise LobsError(f"--memory-budget must be positive, got {self.memory_budget}")
         if self.damp is not None and not 0 <= self.damp < 1e3:
@@ -140,7 +156,7 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
 
     masks, held, allocation, memory = {}, None, None, None
     if work:
-        held, allocation, memory = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
+        held, allocation, memory = _calibrate_andsolve_one(loaded, work, records, source, config, timings, masks)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -312,7 +328,7 @@ def _allocate_globally(work, collectors, records, config) -> None:
         w.record.target_sparsity = w.target
 
 
-def _calibrate_and_solve(loaded, work, records, source, config, timings, masks):
+def _calibrate_andsolve_one(loaded, work, records, source, config, timings, masks):
     """Independent mode: one pass, then every solve; over the memory budget, block by block.
     Sequential: per stage (cut into blocks under the budget), a pass and its solves. Blocks and
     stages run by graph segments (segments.py), unless a layer input lives in a subgraph: whole
@@ -325,6 +341,15 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks):
     stages, memory = _blocks(loaded, work, by_layer, config)
     # a later stage or block runs the nodes of layers solved before it: they need the dense weights
     dense_model = _copy(loaded.model) if stages[0] is not None else loaded.model
+    if config.executor == "ray":
+        stages = [[w.layer for w in work]] if stages[0] is None else stages
+        dense_model = _copy(loaded.model)
+        segments = plan(loaded.model, stages)
+        if segments is None:
+            raise LobsError(f"{loaded.path or 'model'}: --executor ray runs graph segments, and a layer input "
+                            f"here is defined inside an If/Loop/Scan body: use the local executor")
+        return by_ray(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
+                       masks), None, memory.summary()
     segments = plan(loaded.model, stages) if stages[0] is not None else None
     dense = None
     if segments is None or config.global_sparsity is not None:
@@ -334,37 +359,23 @@ def _calibrate_and_solve(loaded, work, records, source, config, timings, masks):
     held = allocation = None
     if config.global_sparsity is not None:
         plain = [Collector(w.layer, False) for w in work] if config.sequential else [w.collector for w in work]
-        held = _checked(collect(dense, None, plain, source, _reading(config), timings, keep_held=True), source)
+        held = checked(collect(dense, None, plain, source, reading(config), timings, keep_held=True), source)
         t = time.perf_counter()
         allocation = _allocate(loaded, work, plain, records, config, held)
         timings["allocate"] = time.perf_counter() - t
         if config.sequential:
             for c in plain:
                 c.release()
-    if segments is not None:
-        return _by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
-                            config, timings, masks, held), allocation, memory.summary()
-    for k, stage in enumerate(stages):
-        todo = work if stage is None else [by_layer[id(layer)] for layer in stage]
-        if stage is not None or held is None:
-            pruned = None
-            if config.sequential:
-                t = time.perf_counter()
-                pruned = Session(loaded.model, [w.collector for w in todo], loaded.path)  # has earlier stages' weights
-                timings["prepare"] += time.perf_counter() - t
-            label = "calibrating" if stage is None else f"{_unit(config)} {k + 1}/{len(stages)}"
-            result = _checked(collect(dense, pruned, [w.collector for w in todo], source, _reading(config), timings,
-                                      keep_held=held is None, label=label), source)
-            held = held or result
-        t = time.perf_counter()
-        for w in todo:
-            _solve(w, config, masks)
-        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-    return held, allocation, memory.summary()
-
-
-def _unit(config) -> str:
-    return "stage" if config.sequential else "block"
+    pool = Pool(config.workers) if config.workers > 1 else None
+    try:
+        if segments is not None:
+            return by_segments(loaded, dense_model, work, stages, segments, by_layer, source,
+                                config, timings, masks, held, pool), allocation, memory.summary()
+        return by_passes(loaded, dense, work, stages, by_layer, source, config, timings, masks, held,
+                          pool), allocation, memory.summary()
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def _blocks(loaded, work, by_layer, config) -> tuple[list, Plan]:
@@ -388,61 +399,6 @@ def _blocks(loaded, work, by_layer, config) -> tuple[list, Plan]:
     memory = pack([[by_layer[id(layer)].collector for layer in stage] for stage in stages], budget, where,
                   across=not config.sequential)
     return [[c.layer for c in block] for block in memory.blocks], memory
-
-
-def _by_segments(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
-                 masks, held) -> PassResult:
-    """Sequential mode's stages, or independent mode's blocks (the dense side alone), with every
-    node run once per model (segments.py); same results as a whole pass per stage."""
-    t = time.perf_counter()
-    runner = SegmentedPass(segments, source, _reading(config), timings, loaded.path)
-    timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t
-    try:
-        samples = runner.samples()
-        if samples["calibration"] == 0:
-            raise LobsError(f"{source.origin}: no calibration samples")
-        for k, stage in enumerate(stages):
-            todo = [by_layer[id(layer)] for layer in stage]
-            runner.stage(k, dense_model, loaded.model if config.sequential else None,
-                         [w.collector for w in todo], f"{_unit(config)} {k + 1}/{len(stages)}")
-            t = time.perf_counter()
-            for w in todo:
-                _solve(w, config, masks)
-            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-    finally:
-        runner.close()
-    if held is not None:
-        return held
-    t = time.perf_counter()
-    sess = make_session(dense_model, loaded.path)
-    names = output_names(dense_model)
-    held_dense = [run(sess, names, feed, source.origin) for feed in runner.feeds.held_feeds]
-    timings["verify"] = timings.get("verify", 0.0) + time.perf_counter() - t
-    return PassResult(samples, runner.feeds.held_feeds, held_dense)
-
-
-def _solve(w, config, masks) -> None:
-    try:
-        if w.collector.calib.n == 0:
-            w.record.skipped = "no calibration sample reached this layer (a branch never taken?)"
-        elif w.target == 0 and config.global_sparsity is not None:
-            w.record.notes.append("left dense by the allocation")
-        else:
-            masks[w.layer.weight_name] = solve_layer(w.collector, w.target, w.record, config, w.nm, w.solved,
-                                                     w.problem)
-    finally:
-        w.solved = w.problem = None
-        w.collector.release()  # a layer sharing the sums keeps them until it is solved too
-
-
-def _reading(config: PruneConfig) -> Reading:
-    return Reading(config.batch_size, config.samples, config.progress)
-
-
-def _checked(result: PassResult, source) -> PassResult:
-    if result.samples["calibration"] == 0:
-        raise LobsError(f"{source.origin}: no calibration samples")
-    return result
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

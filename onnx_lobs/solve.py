@@ -115,7 +115,7 @@ def prepare(c: Collector) -> Problem:
         raise LobsError(f"layer {layer.name}: its inputs on the calibration data are too large for a Hessian "
                         f"(the products overflow); check the model's weights and the data's scale")
     p = _with_objectives(Problem(old, old_b, (hp, cross, hd), c.joint))
-    _controller()  # threadpoolctl's scan of the loaded libraries (about 10 ms, once) is not a solve's time
+    blas_controller()  # threadpoolctl's scan of the loaded libraries (about 10 ms, once) is not a solve's time
     return p
 
 
@@ -160,11 +160,11 @@ def blas_threads(rows: int, cols: int):
     work = rows * cols * cols
     if cols > SINGLE_THREAD_COLS or work > SINGLE_THREAD_WORK or work <= TINY_WORK:
         return contextlib.nullcontext()
-    return _controller().limit(limits=1, user_api="blas")
+    return blas_controller().limit(limits=1, user_api="blas")
 
 
 @functools.cache
-def _controller():
+def blas_controller():
     from threadpoolctl import ThreadpoolController  # scans the loaded libraries: once
     return ThreadpoolController()
 
@@ -317,48 +317,86 @@ def measure(p: Problem, new: np.ndarray, new_b, c: Collector, record: LayerRecor
     record.dense_input_holdout_error = dense_hold_err if c.hold.n else None
 
 
-def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,
-                solved: Solved | None = None, problem: Problem | None = None) -> np.ndarray | None:
-    """Prune one layer in place (with `solved`, as solved already, and its problem if kept); fills
-    its record and returns the removed-weights mask."""
-    t = time.perf_counter()
-    problem = prepare(c) if problem is None else problem
-    if solved is None:
-        t_solve = time.perf_counter()
-        memos = [{} for _ in range(problem.old.shape[0])]
-        solved = solve_groups(problem, target, config, nm, c.layer.name, memos)
-        if problem.joint and c.hold.n:
-            solved = _guarded(problem, solved, c, target, config, nm, memos, record)
-        record.solve_seconds = time.perf_counter() - t_solve
+@dataclass
+class Task:
+    """What a layer's solve needs and nothing more (no model, no collector): picklable, so that
+    a worker process can run it (workers.py)."""
+
+    problem: Problem
+    target: float
+    nm: np.ndarray | None
+    name: str
+    hold: object = None  # sequential mode: the held-out sums or columns, for CORRECTION_GUARD
+    split: int = 0  # ... and the dense part's width in them
+
+
+def task(c: Collector, target: float, nm=None, problem: Problem | None = None) -> Task:
+    p = prepare(c) if problem is None else problem
+    guard = p.joint and c.hold.n
+    return Task(p, target, nm, c.layer.name, c.hold if guard else None, c.layer.geometry.cols if guard else 0)
+
+
+def compute(t: Task, config) -> tuple[Solved, float]:
+    """The solve of one layer (and, in sequential mode, its guard); its seconds."""
+    start = time.perf_counter()
+    memos = [{} for _ in range(t.problem.old.shape[0])]
+    solved = solve_groups(t.problem, t.target, config, t.nm, t.name, memos)
+    if t.hold is not None:
+        solved = _guarded(t, solved, config, memos)
+    return solved, time.perf_counter() - start
+
+
+def finish(c: Collector, problem: Problem, solved: Solved, record: LayerRecord, seconds: float | None) -> np.ndarray:
+    """Write a solve back, measure what was stored (fp16/bf16 rounding included), fill the record;
+    the removed-weights mask."""
+    if seconds is not None:
+        record.solve_seconds = seconds
     record.notes += [n for n in solved.notes if n not in record.notes]
     stored, new, new_b, mask = write_back(c.layer, solved)
-    measure(problem, new, new_b, c, record)  # what was stored: fp16/bf16 rounding included
+    measure(problem, new, new_b, c, record)
     record.sparsity = float(np.mean(stored == 0))
     record.predicted_error = solved.predicted
     if c.joint:
         record.propagated_error, record.corrected_error = solved.start_err, solved.w0_err
     record.damp = max((d for d in solved.damps if d is not None), default=None)
+    return mask
+
+
+def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,
+                solved: Solved | None = None, problem: Problem | None = None) -> np.ndarray | None:
+    """Prune one layer in place (with `solved`, as solved already, and its problem if kept); fills
+    its record and returns the removed-weights mask."""
+    t = time.perf_counter()
+    seconds = None
+    if solved is None:
+        work = task(c, target, nm, problem)
+        problem = work.problem
+        solved, seconds = compute(work, config)
+    elif problem is None:
+        problem = prepare(c)
+    mask = finish(c, problem, solved, record, seconds)
     record.seconds = time.perf_counter() - t
     return mask
 
 
-def held_error(p: Problem, c: Collector, s: Solved) -> float:
-    """Sequential mode: the layer-wise error of a solve on the held-out samples."""
-    held = c.hessians(c.hold)
+def held_error(p: Problem, held: tuple, s: Solved) -> float:
+    """Sequential mode: the layer-wise error of a solve on the held-out samples ((H_p, C, H_d))."""
     return sum(Objective(p.augmented(p.old, p.old_b, k), held[0][k], held[1][k], held[2][k], True)
                .error(p.augmented(s.new, s.new_b, k)) for k in range(p.old.shape[0]))
 
 
-def _guarded(p: Problem, solved: Solved, c: Collector, target, config, nm, memos, record) -> Solved:
+def _guarded(t: Task, solved: Solved, config, memos) -> Solved:
     """The solve from W0, unless the one from W does clearly better on the held-out samples (the
     correction then fitted the calibration data rather than the layer: CORRECTION_GUARD)."""
+    p = t.problem
     shared = [{k: v for k, v in m.items() if k[0] in FACTORISATIONS} for m in memos]  # H_p's alone
-    plain = solve_groups(replace(p, corrected=False), target, config, nm, c.layer.name, shared)
-    corrected_err, plain_err = held_error(p, c, solved), held_error(p, c, plain)
+    plain = solve_groups(replace(p, corrected=False), t.target, config, t.nm, t.name, shared)
+    held = t.hold.blocks(t.split)
+    corrected_err, plain_err = held_error(p, held, solved), held_error(p, held, plain)
     if plain_err >= CORRECTION_GUARD * corrected_err:
         return solved
-    record.notes.append(f"sequential: solved from the dense weights, not the corrected W0 (held-out error "
-                        f"{plain_err:.4g} against {corrected_err:.4g})")
+    plain.notes.append(f"sequential: solved from the dense weights, not the corrected W0 (held-out error "
+                       f"{plain_err:.4g} against {corrected_err:.4g})")
     plain.w0_err = solved.w0_err
     return plain
 

@@ -277,3 +277,31 @@ def test_external_data_save_runs_in_onnxruntime_with_subgraph_initializers(tmp_p
     assert again.external == {"Wb", "big"}
     np.testing.assert_array_equal(numpy_helper.to_array(again.model.graph.initializer[-1]),
                                   numpy_helper.to_array(model.graph.initializer[-1]))
+
+
+def _lm(tied: bool):
+    """Token ids -> embedding (Gather) -> MatMul -> lm_head, tied (Transpose of the table) or not."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((20, 8)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([1], np.int64), "idx"),
+             numpy_helper.from_array(rng.standard_normal((8, 20)).astype(np.float32), "head")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "W"], ["h"], name="mlp"),
+             helper.make_node("Shape", ["h"], ["s"]), helper.make_node("Gather", ["s", "idx"], ["s1"], name="dims"),
+             helper.make_node("Transpose", ["emb"], ["embT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "embT" if tied else "head"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("s1", TensorProto.INT64, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_embedding_is_reported_and_a_tied_head_left_dense_with_the_reason(tied):
+    layers, skipped = find_layers(LoadedModel(_lm(tied), "lm.onnx"))
+    reasons = {s.name: s.reason for s in skipped}
+    assert reasons["embed"].startswith("embedding lookup") and "dims" not in reasons  # a shape Gather is no layer
+    assert [l.name for l in layers] == (["mlp"] if tied else ["mlp", "lm_head"])
+    if tied:
+        assert "emb transposed at run time" in reasons["lm_head"] and "tied embeddings" in reasons["lm_head"]

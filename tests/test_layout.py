@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "onnx_lobs"
 # Lowest first: a module may import only from modules listed before it (or from its own package).
 LAYERS = [
     "version", "errors", "atomic", "hessian", "layers", "solvers", "modelio", "runtime", "index", "rewrite", "graph",
-    "channel_ops", "channel_layout", "groups", "flops", "cuts", "calibration", "activations", "memory", "segments", "topology", "allocation", "report", "pictures", "solve", "evaluate",
+    "channel_ops", "channel_layout", "groups", "flops", "cuts", "calibration", "activations", "memory", "segments", "topology", "allocation", "report", "pictures", "solve", "workers", "distributed", "passes", "evaluate",
     "sensitivity", "output_allocation", "structured_checks", "structured_allocation", "structured", "pruning", "roundtrip", "retrain", "cli", "__init__", "__main__",
 ]
 MAX_MODULE_LINES = 600

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lobs import PruneConfig, prune
-from onnx_lobs import pruning, segments
+from onnx_lobs import passes, pruning, segments
 from onnx_lobs.graph import find_layers
 from onnx_lobs.modelio import load_model
 from onnx_lobs.topology import layer_stages
@@ -146,7 +146,7 @@ def test_the_temporary_folder_is_removed_even_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("solver failed")
 
-    monkeypatch.setattr(pruning, "solve_layer", boom)
+    monkeypatch.setattr(passes, "solve_layer", boom)
     with pytest.raises(RuntimeError):
         prune(model, _feeds(model, rng, 100), PruneConfig(default_exclude=False, sequential=True))
     assert os.listdir(tmp_path) == []

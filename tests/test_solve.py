@@ -357,8 +357,8 @@ def test_sequential_mode_solves_from_w_where_the_correction_fails_on_held_out_sa
     corrected = solve_groups(p, 0.5, config, None, layer.name)
     plain = solve_groups(dataclasses.replace(p, corrected=False), 0.5, config, None, layer.name)
     err_c, err_p = _held_direct(p, corrected, ad, ap), _held_direct(p, plain, ad, ap)
-    assert held_error(p, c, corrected) == pytest.approx(err_c, rel=1e-9)
-    assert held_error(p, c, plain) == pytest.approx(err_p, rel=1e-9)
+    assert held_error(p, c.hessians(c.hold), corrected) == pytest.approx(err_c, rel=1e-9)
+    assert held_error(p, c.hessians(c.hold), plain) == pytest.approx(err_p, rel=1e-9)
     assert (err_p < CORRECTION_GUARD * err_c) == plain_kept
     record = LayerRecord(layer.name, layer.op, layer.weight_name, 8, 12)
     solve_layer(c, 0.5, record, config)

@@ -133,7 +133,7 @@ def run(args) -> None:
     rows = []
     for target in args.targets:
         for mode in args.modes:
-            for workers in args.workers:
+            for workers, executor in [(w, "local") for w in args.workers] + [(1, "ray")] * args.ray:
                 with tempfile.TemporaryDirectory() as tmp:
                     out, report = os.path.join(tmp, "out.onnx"), os.path.join(tmp, "report.json")
                     argv = ["prune", model, "-o", out, "--calib", calib, "--method", "sparsegpt", "--quiet",
@@ -144,10 +144,13 @@ def run(args) -> None:
                         argv += ["--memory-budget", args.memory_budget]
                     if workers != 1:
                         argv += ["--workers", str(workers)]
+                    if executor == "ray":  # a local cluster of this machine's CPUs, started by the run
+                        argv += ["--executor", "ray"]
                     got = _child(CHILD, {"argv": argv})
                     rep = json.load(open(report)) if got["code"] == 0 else {}
                 row = dict(model=info["shape"], layers=info["num_hidden_layers"], file_mb=info["file_bytes"] / 2 ** 20,
-                           target=target, mode=mode, workers=workers, code=got["code"], wall=got["wall"],
+                           target=target, mode=mode, workers=workers, executor=executor, code=got["code"],
+                           wall=got["wall"],
                            peak_mb=got["peak_kib"] / 1024, peak_ratio=got["peak_kib"] * 1024 / info["file_bytes"],
                            rel_l2=(rep.get("fidelity") or {}).get("rel_l2"),
                            timings={k: round(v, 1) for k, v in (rep.get("timings") or {}).items()},
@@ -160,7 +163,8 @@ def run(args) -> None:
             got = _child(ONNXSIM, {"model": model, "calib": calib, "n": n, "m": m,
                                    "sparsity": None if n else float(target)})
             row = dict(model=info["shape"], layers=info["num_hidden_layers"], file_mb=info["file_bytes"] / 2 ** 20,
-                       target=target, mode="onnxsim", workers=1, code=got["code"], wall=got["wall"],
+                       target=target, mode="onnxsim", workers=1, executor="onnxsim", code=got["code"],
+                       wall=got["wall"],
                        peak_mb=got["peak_kib"] / 1024, peak_ratio=got["peak_kib"] * 1024 / info["file_bytes"],
                        rel_l2=None, timings={}, memory=None)
             rows.append(row)
@@ -175,8 +179,9 @@ def _show(row: dict) -> None:
     t = row["timings"]
     phases = " ".join(f"{k} {v}" for k, v in t.items() if k != "total")
     rel = "-" if row["rel_l2"] is None else f"{row['rel_l2']:.4f}"
-    print(f"{row['model']} x{row['layers']} {row['target']:>4} {row['mode']:<11} w{row['workers']} exit {row['code']}: "
-          f"{row['wall']:.1f} s, peak {row['peak_mb']:.0f} MB ({row['peak_ratio']:.2f}x file), rel L2 {rel}; "
+    print(f"{row['model']} x{row['layers']} {row['target']:>4} {row['mode']:<11} w{row['workers']} {row['executor']} "
+          f"exit {row['code']}: "
+          f"{row['wall']:.1f} s, peak {row['peak_mb']:.0f} MB{' (driver)' if row['executor'] == 'ray' else ''} ({row['peak_ratio']:.2f}x file), rel L2 {rel}; "
           f"{phases}", flush=True)
 
 
@@ -197,6 +202,7 @@ def main() -> None:
     r.add_argument("--modes", nargs="+", default=["independent", "sequential"])
     r.add_argument("--workers", nargs="+", type=int, default=[1])
     r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--ray", type=int, default=0, metavar="0|1", help="also run on a local Ray cluster")
     r.add_argument("--memory-budget")
     r.add_argument("--onnxsim", action="store_true")
     r.add_argument("--json")

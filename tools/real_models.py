@@ -331,6 +331,8 @@ CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the p
     # --pattern N:M on every layer, in both modes, the one with the closer outputs kept
     "default": {"overall": True},
     "default-independent": {"overall": True},  # the default before 0.3 under N:M
+    "default-independent-w2": {"overall": True, "workers": 2},  # ... its solves in two processes
+    "auto-seq-w2": {"sequential": True, "workers": 2},
     "auto-uniform": {},  # S of each layer (--allocation uniform)
     "lobs": {"method": "lobs"},  # the defaults before 0.2
     "sparsegpt": {"method": "sparsegpt"},

@@ -91,7 +91,8 @@ ENTRIES = [
           "dilated Conv1d, Gemm alpha/beta, two inputs and outputs", _saved(handmade.newest_opset),
           handmade.newest_calib),
     Entry("large_external", "onnx.helper", "2.06 GB embedding table in external data, MatMul, Gemm",
-          handmade.large_external, handmade.large_calib, samples=300, slow=True),
+          handmade.large_external, handmade.large_calib, samples=300, slow=True,
+          skips=(("Gather", "embedding lookup", 1),)),
 ]
 
 BY_NAME = {e.name: e for e in ENTRIES}

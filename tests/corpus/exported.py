@@ -71,6 +71,7 @@ def image_fp16(rng, n):
 
 
 ATTENTION = ("MatMul", "computed at run time", 4)  # q @ k^T and att @ v in each of 2 blocks
+EMBEDDING = ("Gather", "embedding lookup", 1)  # the token table: reported, not a layer
 
 # name -> (file, exporter, calibration generator, expected skips (op, reason substring, count), what it covers)
 SPECS = {
@@ -78,10 +79,10 @@ SPECS = {
                       "Conv+BN folded, residual Add, 1x1 stride-2 shortcut, GlobalAveragePool, Gemm transB=1"),
     "mobilenet_v3": ("mobilenet_v3.onnx", "torch legacy", image, (),
                      "depthwise Conv, squeeze-excite (1x1 Conv, Mul), HardSwish, HardSigmoid, Clip (ReLU6)"),
-    "transformer_legacy": ("transformer_legacy.onnx", "torch legacy", tokens, (ATTENTION,),
+    "transformer_legacy": ("transformer_legacy.onnx", "torch legacy", tokens, (ATTENTION, EMBEDDING),
                            "int64 token ids + mask, Gather, MatMul [in,out] + Add, attention MatMuls, "
                            "Softmax, LayerNormalization, two outputs"),
-    "transformer_dynamo": ("transformer_dynamo.onnx", "torch dynamo", tokens, (ATTENTION,),
+    "transformer_dynamo": ("transformer_dynamo.onnx", "torch dynamo", tokens, (ATTENTION, EMBEDDING),
                            "the same network as transformer_legacy, dynamo exporter"),
     "audio_conv1d": ("audio_conv1d.onnx", "torch legacy", audio, (),
                      "Conv1d with strides, dilation, groups=4, depthwise"),

@@ -113,6 +113,7 @@ class RayExecutor:
         self.actors = [actor.remote(model, path, segments, s, config.batch_size, bool(config.sequential))
                        for s in shards]
         self.solver = ray.remote(run_task)
+        self.total = total
         self.cores = max(1, int(total / max(1, len(ray.nodes()))))
         self.updates: dict = {}
 
@@ -121,34 +122,40 @@ class RayExecutor:
         t = time.perf_counter()
         collectors = [w.collector for w in todo]
         folding = share(collectors)
-        parts = self.ray.get([a.stage.remote(k, [c.layer.name for c in collectors], self.updates)
-                              for a in self.actors])
-        for c in folding:
-            for part in parts:
+        refs = [a.stage.remote(k, [c.layer.name for c in collectors], self.updates) for a in self.actors]
+        for ref in refs:  # one shard's sums at a time, in shard order
+            part = self.ray.get(ref)
+            for c in folding:
                 calib, hold = part[c.layer.name]
                 c.calib.merge(calib)
                 c.hold.merge(hold)
+            del part
         self.updates = {}
         add_time(timings, "hessian", t)
 
     def solve(self, jobs, config, masks) -> None:
         """The block's solves as Ray tasks, written back in order; their weights kept for the actors."""
-        submitted = []
+        pending = []
         for w in jobs:
             t: Task = task(w.collector, w.target, w.nm, w.problem)
-            submitted.append((w, t, self.solver.options(num_cpus=threads_of(t, self.cores)).remote(
-                t, config, threads_of(t, self.cores))))
-        for w, t, ref in submitted:
+            threads = threads_of(t, self.cores)
+            pending.append((w, t, self.solver.options(num_cpus=threads).remote(t, config, threads)))
+            while len(pending) > self.total:  # only as many problems in flight as the cluster has CPUs
+                self._finish(pending.pop(0), config, masks)
+        for item in pending:
+            self._finish(item, config, masks)
+
+    def _finish(self, item, config, masks) -> None:
+        w, t, ref = item
+        try:
             solved, seconds = self.ray.get(ref)
-            try:
-                masks[w.layer.weight_name] = finish(w.collector, t.problem, solved, w.record, seconds)
-                w.record.seconds = seconds
-                if config.sequential:
-                    layer = w.layer
-                    self.updates[layer.name] = (layer.read(), layer.read_bias())
-            finally:
-                w.solved = w.problem = None
-                w.collector.release()
+            masks[w.layer.weight_name] = finish(w.collector, t.problem, solved, w.record, seconds)
+            w.record.seconds = seconds
+            if config.sequential:
+                self.updates[w.layer.name] = (w.layer.read(), w.layer.read_bias())
+        finally:
+            w.solved = w.problem = None
+            w.collector.release()
 
     def close(self) -> None:
         for a in self.actors:

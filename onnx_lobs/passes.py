@@ -101,7 +101,7 @@ def solve_all(todo, config, masks, pool) -> None:
     jobs = []
     for w in todo:
         reason = left(w, config)
-        if reason is not None or pool is None or w.solved is not None:
+        if reason is not None or pool is None or w.solved is not None or not pool.takes(w.layer):
             if jobs:  # results are written back in the layers' order
                 finish_all(pool.solve(jobs, config), masks)
                 jobs = []

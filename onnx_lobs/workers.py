@@ -4,8 +4,9 @@ whose sums are ready, are solved in a pool of processes.
 Each solve runs with the BLAS threads it takes in-process (solve.blas_threads: one for a small
 matrix, all the cores for a large one), because BLAS sums in another order on another thread
 count and the output must be identical to --workers 1's. A solve starts only when its threads
-are free, so the cores are never oversubscribed: small layers run side by side, a large one
-alone. The results are written back in the layers' order, in this process.
+are free, so the cores are never oversubscribed: small layers run side by side in the pool; a
+large one, which takes every core anyway, is solved in this process. The results are written
+back in the layers' order, in this process.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_of(t: Task, available: int) -> int:
-    """The BLAS threads the solve takes in-process (solve.blas_threads)."""
-    _, rows, cols = t.problem.old.shape
-    width = cols + (t.problem.old_b is not None)
+def threads_for(rows: int, width: int, available: int) -> int:
+    """The BLAS threads a solve of rows x width takes in-process (solve.blas_threads)."""
     big = width > SINGLE_THREAD_COLS or rows * width * width > SINGLE_THREAD_WORK
     return available if big else 1
+
+
+def threads_of(t: Task, available: int) -> int:
+    _, rows, cols = t.problem.old.shape
+    return threads_for(rows, cols + (t.problem.old_b is not None), available)
 
 
 def run_task(t: Task, config, threads: int):
@@ -54,6 +58,13 @@ class Pool:
     def __init__(self, workers: int):
         self.workers, self.cores = workers, cores()
         self._executor = None
+
+    def takes(self, layer) -> bool:
+        """Whether the layer's solve goes to the pool: not one that takes every core anyway, which
+        runs the same in this process without carrying its Hessian to a worker and back (the
+        138M Llama's layers: 69 s of solves through the pool against 44 s here)."""
+        g = layer.geometry
+        return threads_for(g.rows, g.cols + (layer.bias is not None), self.cores) < self.cores
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:

@@ -115,3 +115,24 @@ def test_a_solve_that_fails_in_a_worker_is_the_same_clear_error():
 def test_workers_must_be_at_least_one():
     with pytest.raises(LobsError, match="--workers must be at least 1"):
         prune(mlp(np.random.default_rng(0)), None, PruneConfig(workers=0))
+
+
+def test_a_layer_that_takes_every_core_is_solved_here_and_the_rest_in_the_pool(monkeypatch):
+    rng = np.random.default_rng(12)
+    model = attention_like(rng)  # columns: 16 (q/k/v, gate/up, side 4) and 32 (o, down)
+    data = _feeds(model, rng, 240)
+    cfg = dict(default_exclude=False, batch_size=48, sparsity=0.5)
+    one = prune(model, data, PruneConfig(**cfg))
+    monkeypatch.setattr(workers, "SINGLE_THREAD_COLS", 20)  # "wide" from 21 columns, for the pool only
+    pooled = []
+    through = workers.Pool.solve
+
+    def counted(pool, jobs, config):
+        for got in through(pool, jobs, config):
+            pooled.append(got[0].layer.name)
+            yield got
+
+    monkeypatch.setattr(workers.Pool, "solve", counted)
+    two = prune(model, data, PruneConfig(workers=2, **cfg))
+    _same(one, two)
+    assert set(pooled) == {"q", "k", "v", "gate", "up", "side"}  # o and down (32 columns) solved here

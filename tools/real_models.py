@@ -343,6 +343,7 @@ CONFIGS = {  # name -> PruneConfig fields besides the target; "onnxsim" is the p
     "auto-seq": {"sequential": True},  # S of each layer (N:M on each), solved on the pruned model's inputs
     "default-seq": {"overall": True, "sequential": True},
     "obc": {"method": "obc"},
+    "obc-w2": {"method": "obc", "workers": 2},
     "onnxsim": None,
 }
 

@@ -199,7 +199,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("model", help="a folder made by build")
     r.add_argument("--targets", nargs="+", default=["2:4", "0.5"])
-    r.add_argument("--modes", nargs="+", default=["independent", "sequential"])
+    r.add_argument("--modes", nargs="*", default=["independent", "sequential"], help="none: only the peer")
     r.add_argument("--workers", nargs="+", type=int, default=[1])
     r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--ray", type=int, default=0, metavar="0|1", help="also run on a local Ray cluster")

@@ -24,7 +24,7 @@ from .errors import LobsError
 from .graph import find_layers, write_tensor
 from .modelio import LoadedModel, over_limit
 from .segments import Segment, SegmentedPass
-from .solve import Task, finish, task
+from .solve import Task, settle, task
 from .workers import run_task, threads_of
 
 
@@ -79,7 +79,7 @@ class Shard:
         self.runner.close()
 
 
-def _shards(source, config, count: int) -> tuple[list[ShardSource], list[dict], int]:
+def _shards(source, config, count: int) -> tuple[list[ShardSource], list[dict], dict]:
     feeds, sizes, held = [], [], []
     for feed, is_held in source.batches(config.batch_size, config.samples):
         feeds.append((feed, is_held))
@@ -100,14 +100,14 @@ class RayExecutor:
 
     def __init__(self, dense_model, path, segments, source, config):
         self.ray = ray = require_ray()
+        if over_limit(dense_model):
+            raise LobsError(f"{path or 'model'}: --executor ray ships the model through Ray's object store "
+                            f"as one protobuf, which cannot hold a model over 2 GB yet: use the local executor")
         if not ray.is_initialized():
             ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         total = int(ray.cluster_resources().get("CPU", 1))
         shards, self.held_feeds, self.samples = _shards(source, config, config.shards or total)
-        if over_limit(dense_model):
-            raise LobsError(f"{path or 'model'}: --executor ray ships the model through Ray's object store "
-                            f"as one protobuf, which cannot hold a model over 2 GB yet: use the local executor")
         model = ray.put(dense_model.SerializeToString())
         actor = ray.remote(num_cpus=0)(Shard)  # their segments' onnxruntime runs are short and in turn
         self.actors = [actor.remote(model, path, segments, s, config.batch_size, bool(config.sequential))
@@ -147,15 +147,10 @@ class RayExecutor:
 
     def _finish(self, item, config, masks) -> None:
         w, t, ref = item
-        try:
-            solved, seconds = self.ray.get(ref)
-            masks[w.layer.weight_name] = finish(w.collector, t.problem, solved, w.record, seconds)
-            w.record.seconds = seconds
-            if config.sequential:
-                self.updates[w.layer.name] = (w.layer.read(), w.layer.read_bias())
-        finally:
-            w.solved = w.problem = None
-            w.collector.release()
+        solved, seconds = self.ray.get(ref)
+        settle(w, t.problem, solved, seconds, masks)
+        if config.sequential:
+            self.updates[w.layer.name] = (w.layer.read(), w.layer.read_bias())
 
     def close(self) -> None:
         for a in self.actors:

@@ -26,6 +26,11 @@ FAST_ROWS = 8192
 BATCHED_COLS = 64  # groups at most this wide are multiplied as one stack
 
 
+def sums_nbytes(groups: int, cols: int) -> int:
+    """The bytes of one accumulator's totals once made: sum x x^T and sum x, float64."""
+    return groups * (cols * cols + cols) * 8
+
+
 class HessianAccumulator:
     """Running sums for one layer: per group, sum x x^T (upper triangle), sum x and n (float64)."""
 
@@ -138,7 +143,7 @@ class HeldOut:
     def __init__(self, groups: int, cols: int, bias: bool, exact: bool = False):
         self.bias, self.exact, self.n = bias, exact, 0
         self.shape = (groups, cols)
-        self.limit = groups * (cols * cols + cols) * 8  # what the sums take
+        self.limit = sums_nbytes(groups, cols)  # what the sums take
         self.cols: list[np.ndarray] = []
         self.sums: HessianAccumulator | None = None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .activations import Collector
 from .errors import LobsError
+from .hessian import sums_nbytes
 
 # The share of physical memory the sums may take by default: onnxruntime's copy of the weights,
 # the model itself and one batch's activations need the rest.
@@ -54,8 +55,7 @@ def size_text(n: float) -> str:
 def sums_bytes(c: Collector) -> int:
     """The bytes of a collector's calibration and held-out sums once filled."""
     g = c.layer.geometry
-    cols = g.cols * (2 if c.joint else 1)
-    return 2 * g.groups * (cols * cols + cols) * 8
+    return 2 * sums_nbytes(g.groups, g.cols * (2 if c.joint else 1))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from .activations import PassResult, Reading, Session, collect
 from .errors import LobsError
 from .runtime import make_session, output_names, run
 from .segments import SegmentedPass
-from .solve import finish, solve_layer, task
+from .solve import settle, solve_layer, task
 
 
 def by_passes(loaded, dense, work, stages, by_layer, source, config, timings, masks, held, pool) -> PassResult:
@@ -114,12 +114,7 @@ def solve_all(todo, config, masks, pool) -> None:
 
 def finish_all(results, masks) -> None:
     for w, t, (solved, seconds) in results:
-        try:
-            masks[w.layer.weight_name] = finish(w.collector, t.problem, solved, w.record, seconds)
-            w.record.seconds = seconds
-        finally:
-            w.solved = w.problem = None
-            w.collector.release()
+        settle(w, t.problem, solved, seconds, masks)
 
 
 def left(w, config) -> str | None:

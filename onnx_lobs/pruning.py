@@ -156,7 +156,7 @@ def prune(model, calibration=None, config: PruneConfig | None = None) -> PruneRe
 
     masks, held, allocation, memory = {}, None, None, None
     if work:
-        held, allocation, memory = _calibrate_andsolve_one(loaded, work, records, source, config, timings, masks)
+        held, allocation, memory = _calibrate_and_solve(loaded, work, records, source, config, timings, masks)
     samples = held.samples if held else {"calibration": 0, "held_out": 0}
     for w in work:
         w.rows_per_sample = w.collector.hold.n / samples["held_out"] if samples["held_out"] else None
@@ -328,7 +328,7 @@ def _allocate_globally(work, collectors, records, config) -> None:
         w.record.target_sparsity = w.target
 
 
-def _calibrate_andsolve_one(loaded, work, records, source, config, timings, masks):
+def _calibrate_and_solve(loaded, work, records, source, config, timings, masks):
     """Independent mode: one pass, then every solve; over the memory budget, block by block.
     Sequential: per stage (cut into blocks under the budget), a pass and its solves. Blocks and
     stages run by graph segments (segments.py), unless a layer input lives in a subgraph: whole
@@ -339,17 +339,16 @@ def _calibrate_andsolve_one(loaded, work, records, source, config, timings, mask
     """
     by_layer = {id(w.layer): w for w in work}
     stages, memory = _blocks(loaded, work, by_layer, config)
-    # a later stage or block runs the nodes of layers solved before it: they need the dense weights
-    dense_model = _copy(loaded.model) if stages[0] is not None else loaded.model
     if config.executor == "ray":
         stages = [[w.layer for w in work]] if stages[0] is None else stages
-        dense_model = _copy(loaded.model)
         segments = plan(loaded.model, stages)
         if segments is None:
             raise LobsError(f"{loaded.path or 'model'}: --executor ray runs graph segments, and a layer input "
                             f"here is defined inside an If/Loop/Scan body: use the local executor")
-        return by_ray(loaded, dense_model, work, stages, segments, by_layer, source, config, timings,
-                       masks), None, memory.summary()
+        return by_ray(loaded, _copy(loaded.model), work, stages, segments, by_layer, source, config, timings,
+                      masks), None, memory.summary()
+    # a later stage or block runs the nodes of layers solved before it: they need the dense weights
+    dense_model = _copy(loaded.model) if stages[0] is not None else loaded.model
     segments = plan(loaded.model, stages) if stages[0] is not None else None
     dense = None
     if segments is None or config.global_sparsity is not None:

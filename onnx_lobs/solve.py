@@ -362,6 +362,17 @@ def finish(c: Collector, problem: Problem, solved: Solved, record: LayerRecord, 
     return mask
 
 
+def settle(w, problem: Problem, solved: Solved, seconds: float, masks: dict) -> None:
+    """A work item's solve (pruning._Work: collector, record, layer) written back by finish, and
+    its sums dropped whatever happens: the pool's and Ray's results land here."""
+    try:
+        masks[w.layer.weight_name] = finish(w.collector, problem, solved, w.record, seconds)
+        w.record.seconds = seconds
+    finally:
+        w.solved = w.problem = None
+        w.collector.release()
+
+
 def solve_layer(c: Collector, target: float, record: LayerRecord, config, nm=None,
                 solved: Solved | None = None, problem: Problem | None = None) -> np.ndarray | None:
     """Prune one layer in place (with `solved`, as solved already, and its problem if kept); fills

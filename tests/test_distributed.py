@@ -55,7 +55,7 @@ def test_ray_gives_the_local_masks_with_the_sums_within_1e_9(cluster, build, con
         local_h = _hessians(m, solve)
         local = prune(model, data, PruneConfig(**cfg))
     with monkeypatch.context() as m:
-        ray_h = _hessians(m, distributed)
+        ray_h = _hessians(m, solve)  # settle() calls solve.finish for Ray results too
         remote = prune(model, data, PruneConfig(executor="ray", shards=shards, **cfg))
     assert ray_h.keys() == local_h.keys() and len(ray_h) > 1
     for name, h in local_h.items():

@@ -29,6 +29,20 @@ def _same(a, b):
     assert a.report.fidelity == b.report.fidelity
 
 
+def _pooled(monkeypatch) -> list:
+    """The names of the layers the pool solves, as they come back."""
+    names = []
+    through = workers.Pool.solve
+
+    def counted(pool, jobs, config):
+        for got in through(pool, jobs, config):
+            names.append(got[0].layer.name)
+            yield got
+
+    monkeypatch.setattr(workers.Pool, "solve", counted)
+    return names
+
+
 @pytest.mark.parametrize("build, config", [
     (small_cnn, dict(sparsity=0.6)), (residual_model, dict(sparsity=0.5, sequential=True)),
     (attention_like, dict(pattern=(2, 4), sequential=False)), (mlp, dict(global_sparsity=0.6)),
@@ -41,15 +55,7 @@ def test_two_workers_give_the_output_of_one_bit_for_bit(build, config, monkeypat
         config["memory_budget"] = _budget_for(model, 1, config.get("sequential", False))
     cfg = dict(default_exclude=False, batch_size=48, **config)
     one = prune(model, data, PruneConfig(**cfg))
-    solved = []
-    through = workers.Pool.solve
-
-    def counted(pool, jobs, config):
-        for got in through(pool, jobs, config):
-            solved.append(got[0].layer.name)
-            yield got
-
-    monkeypatch.setattr(workers.Pool, "solve", counted)
+    solved = _pooled(monkeypatch)
     two = prune(model, data, PruneConfig(workers=2, **cfg))
     _same(one, two)
     pruned = {r.name for r in one.report.layers if r.sparsity}
@@ -124,15 +130,7 @@ def test_a_layer_that_takes_every_core_is_solved_here_and_the_rest_in_the_pool(m
     cfg = dict(default_exclude=False, batch_size=48, sparsity=0.5)
     one = prune(model, data, PruneConfig(**cfg))
     monkeypatch.setattr(workers, "SINGLE_THREAD_COLS", 20)  # "wide" from 21 columns, for the pool only
-    pooled = []
-    through = workers.Pool.solve
-
-    def counted(pool, jobs, config):
-        for got in through(pool, jobs, config):
-            pooled.append(got[0].layer.name)
-            yield got
-
-    monkeypatch.setattr(workers.Pool, "solve", counted)
+    pooled = _pooled(monkeypatch)
     two = prune(model, data, PruneConfig(workers=2, **cfg))
     _same(one, two)
     assert set(pooled) == {"q", "k", "v", "gate", "up", "side"}  # o and down (32 columns) solved here
